@@ -1,0 +1,885 @@
+"""Differentiable operations: one Function per op, forward and backward side by side.
+
+Notation (derivations/autograd.md): y = f(x₁, …, xₙ) is the forward, ḡ = ∂L/∂y the
+upstream gradient, and backward returns x̄ᵢ = ∂L/∂xᵢ = ḡ · ∂y/∂xᵢ (a vector-Jacobian
+product). Each docstring names the equation id of its VJP in the derivation.
+
+Broadcasting: a binary op broadcasts like NumPy; its backward sums ḡ over the broadcast
+axes (``unbroadcast``) so that x̄ has x's shape.
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .. import backend
+from .tensor import Function, Tensor, _coerce_inputs, as_tensor
+
+__all__ = [
+    "add", "astype", "concat", "cross_entropy", "div", "dropout", "embedding", "exp", "gelu",
+    "getitem", "layer_norm", "log", "log_softmax", "masked_fill", "matmul", "max", "mean",
+    "mul", "neg", "pow", "relu", "reshape", "sigmoid", "softmax", "sqrt", "stack", "sub",
+    "sum", "tanh", "transpose", "unbroadcast", "var", "where",
+]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- helpers
+def unbroadcast(grad: Any, shape: tuple[int, ...]) -> Any:
+    """Sum ``grad`` over the axes along which an input of ``shape`` was broadcast."""
+    if tuple(grad.shape) == tuple(shape):
+        return grad
+    lead = grad.ndim - len(shape)
+    if lead > 0:
+        grad = grad.sum(axis=tuple(range(lead)))
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    if axes:
+        grad = grad.sum(axis=axes, keepdims=True)
+    return grad
+
+
+def _check_same_float(op: str, a: Tensor, b: Tensor) -> None:
+    if a.dtype.kind == "f" and b.dtype.kind == "f" and a.dtype != b.dtype:
+        raise TypeError(
+            f"{op}: operands must share a floating dtype, got {a.dtype} and {b.dtype} "
+            "(cast one with .astype)"
+        )
+
+
+def _binary(fn: type[Function], op: str, a: Any, b: Any) -> Tensor:
+    ta, tb = _coerce_inputs((a, b))
+    _check_same_float(op, ta, tb)
+    try:
+        return fn.apply(ta, tb)
+    except ValueError as exc:
+        if "broadcast" in str(exc):
+            raise ValueError(f"{op}: shapes {ta.shape} and {tb.shape} do not broadcast") from None
+        raise
+
+
+def _normalize_axis(axis: Any, ndim: int) -> tuple[int, ...]:
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, int | np.integer) else tuple(axis)
+    out = []
+    for a in axes:
+        if not -ndim <= a < builtins.max(ndim, 1):
+            raise ValueError(f"axis: {a} is out of range for a tensor with {ndim} dimensions")
+        out.append(int(a) % builtins.max(ndim, 1))
+    if len(set(out)) != len(out):
+        raise ValueError(f"axis: repeated axis in {axis}")
+    return tuple(sorted(out))
+
+
+def _expand_reduced(g: Any, shape: tuple[int, ...], axes: tuple[int, ...], keepdims: bool) -> Any:
+    """Reshape a reduced gradient so it broadcasts back against ``shape``."""
+    if not keepdims:
+        g = g.reshape([1 if i in axes else n for i, n in enumerate(shape)])
+    return g
+
+
+# ---------------------------------------------------------------------------- elementwise
+class Add(Function):
+    """y = a + b.   ā = ḡ, b̄ = ḡ (summed over broadcast axes).   [ops.add]"""
+
+    def forward(self, a, b):
+        self.sa, self.sb = a.shape, b.shape
+        return a + b
+
+    def backward(self, g):
+        ga = unbroadcast(g, self.sa) if self.needs_input_grad[0] else None
+        gb = unbroadcast(g, self.sb) if self.needs_input_grad[1] else None
+        return ga, gb
+
+
+class Sub(Function):
+    """y = a − b.   ā = ḡ, b̄ = −ḡ.   [ops.sub]"""
+
+    def forward(self, a, b):
+        self.sa, self.sb = a.shape, b.shape
+        return a - b
+
+    def backward(self, g):
+        ga = unbroadcast(g, self.sa) if self.needs_input_grad[0] else None
+        gb = -unbroadcast(g, self.sb) if self.needs_input_grad[1] else None
+        return ga, gb
+
+
+class Mul(Function):
+    """y = a ⊙ b.   ā = ḡ ⊙ b, b̄ = ḡ ⊙ a.   [ops.mul]"""
+
+    def forward(self, a, b):
+        self.a = a if self.needs_input_grad[1] else None
+        self.b = b if self.needs_input_grad[0] else None
+        self.sa, self.sb = a.shape, b.shape
+        return a * b
+
+    def backward(self, g):
+        ga = unbroadcast(g * self.b, self.sa) if self.needs_input_grad[0] else None
+        gb = unbroadcast(g * self.a, self.sb) if self.needs_input_grad[1] else None
+        return ga, gb
+
+
+class Div(Function):
+    """y = a / b.   ā = ḡ / b, b̄ = −ḡ ⊙ a / b² = −ḡ ⊙ y / b.   [ops.div]"""
+
+    def forward(self, a, b):
+        y = a / b
+        self.b, self.y = b, (y if self.needs_input_grad[1] else None)
+        self.sa, self.sb = a.shape, b.shape
+        return y
+
+    def backward(self, g):
+        ga = unbroadcast(g / self.b, self.sa) if self.needs_input_grad[0] else None
+        gb = unbroadcast(-g * self.y / self.b, self.sb) if self.needs_input_grad[1] else None
+        return ga, gb
+
+
+class Neg(Function):
+    """y = −x.   x̄ = −ḡ.   [ops.neg]"""
+
+    def forward(self, x):
+        return -x
+
+    def backward(self, g):
+        return -g
+
+
+class Pow(Function):
+    """y = xᵖ for a constant exponent p.   x̄ = ḡ ⊙ p·xᵖ⁻¹.   [ops.pow]"""
+
+    def forward(self, x, p):
+        self.x, self.p = x, p
+        return x**p
+
+    def backward(self, g):
+        p = self.p
+        return g * (p * self.x ** (p - 1)) if p != 0 else g * 0
+
+
+class Exp(Function):
+    """y = eˣ.   x̄ = ḡ ⊙ y.   [ops.exp]"""
+
+    def forward(self, x):
+        self.y = backend.xp_of(x).exp(x)
+        return self.y
+
+    def backward(self, g):
+        return g * self.y
+
+
+class Log(Function):
+    """y = ln x.   x̄ = ḡ / x.   [ops.log]"""
+
+    def forward(self, x):
+        self.x = x
+        return backend.xp_of(x).log(x)
+
+    def backward(self, g):
+        return g / self.x
+
+
+class Sqrt(Function):
+    """y = √x.   x̄ = ḡ / (2y).   [ops.sqrt]"""
+
+    def forward(self, x):
+        self.y = backend.xp_of(x).sqrt(x)
+        return self.y
+
+    def backward(self, g):
+        return g / (2 * self.y)
+
+
+class Tanh(Function):
+    """y = tanh x.   x̄ = ḡ ⊙ (1 − y²).   [ops.tanh]"""
+
+    def forward(self, x):
+        self.y = backend.xp_of(x).tanh(x)
+        return self.y
+
+    def backward(self, g):
+        return g * (1 - self.y * self.y)
+
+
+class Sigmoid(Function):
+    """y = σ(x) = 1/(1 + e⁻ˣ).   x̄ = ḡ ⊙ y(1 − y).   [ops.sigmoid]
+
+    Computed as ½(1 + tanh(x/2)), which never overflows.
+    """
+
+    def forward(self, x):
+        self.y = 0.5 * (1 + backend.xp_of(x).tanh(0.5 * x))
+        return self.y
+
+    def backward(self, g):
+        return g * self.y * (1 - self.y)
+
+
+class Relu(Function):
+    """y = max(x, 0).   x̄ = ḡ ⊙ 1[x > 0] (0 at the kink, as PyTorch).   [ops.relu]"""
+
+    def forward(self, x):
+        self.mask = x > 0
+        return x * self.mask
+
+    def backward(self, g):
+        return g * self.mask
+
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+_GELU_K = 0.044715
+
+
+class Gelu(Function):
+    """GELU, tanh form (GPT-2's ``gelu_new``).   [ops.gelu]
+
+    y = ½x(1 + t),  t = tanh(u),  u = c(x + k x³),  c = √(2/π), k = 0.044715
+    x̄ = ḡ ⊙ [½(1 + t) + ½x(1 − t²)·c(1 + 3k x²)]
+    """
+
+    def forward(self, x):
+        self.x = x
+        self.t = backend.xp_of(x).tanh(_GELU_C * (x + _GELU_K * x * x * x))
+        return 0.5 * x * (1 + self.t)
+
+    def backward(self, g):
+        x, t = self.x, self.t
+        dudx = _GELU_C * (1 + 3 * _GELU_K * x * x)
+        return g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * dudx)
+
+
+class Cast(Function):
+    """y = x as another dtype.   x̄ = ḡ cast back.   [ops.astype]"""
+
+    def forward(self, x, dtype):
+        self.src = x.dtype
+        return x.astype(dtype)
+
+    def backward(self, g):
+        return g.astype(self.src)
+
+
+def add(a: Any, b: Any) -> Tensor:
+    """Elementwise a + b with broadcasting."""
+    return _binary(Add, "add", a, b)
+
+
+def sub(a: Any, b: Any) -> Tensor:
+    """Elementwise a − b with broadcasting."""
+    return _binary(Sub, "sub", a, b)
+
+
+def mul(a: Any, b: Any) -> Tensor:
+    """Elementwise a ⊙ b with broadcasting."""
+    return _binary(Mul, "mul", a, b)
+
+
+def div(a: Any, b: Any) -> Tensor:
+    """Elementwise a / b with broadcasting."""
+    return _binary(Div, "div", a, b)
+
+
+def neg(x: Tensor) -> Tensor:
+    """−x."""
+    return Neg.apply(x)
+
+
+def pow(x: Tensor, exponent: float) -> Tensor:
+    """xᵖ for a constant real exponent p (use exp/log for a tensor exponent)."""
+    if isinstance(exponent, Tensor) or not np.isscalar(exponent):
+        raise TypeError(f"exponent: expected a real number, got {type(exponent).__name__}")
+    return Pow.apply(x, p=float(exponent) if not float(exponent).is_integer() else int(exponent))
+
+
+def exp(x: Tensor) -> Tensor:
+    """eˣ."""
+    return Exp.apply(x)
+
+
+def log(x: Tensor) -> Tensor:
+    """Natural logarithm."""
+    return Log.apply(x)
+
+
+def sqrt(x: Tensor) -> Tensor:
+    """Square root."""
+    return Sqrt.apply(x)
+
+
+def tanh(x: Tensor) -> Tensor:
+    """Hyperbolic tangent."""
+    return Tanh.apply(x)
+
+
+def sigmoid(x: Tensor) -> Tensor:
+    """Logistic sigmoid."""
+    return Sigmoid.apply(x)
+
+
+def relu(x: Tensor) -> Tensor:
+    """Rectified linear unit."""
+    return Relu.apply(x)
+
+
+def gelu(x: Tensor) -> Tensor:
+    """GELU with the tanh approximation (GPT-2)."""
+    return Gelu.apply(x)
+
+
+def astype(x: Tensor, dtype: Any) -> Tensor:
+    """Differentiable cast to ``dtype``."""
+    return Cast.apply(x, dtype=np.dtype(dtype))
+
+
+# ---------------------------------------------------------------------------- matmul
+class MatMul(Function):
+    """Y = A·B over the last two axes, leading axes broadcast.   [ops.matmul]
+
+    Ā = ḡ·Bᵀ,  B̄ = Aᵀ·ḡ  (each summed over the axes it was broadcast along).
+    """
+
+    def forward(self, a, b):
+        self.a = a if self.needs_input_grad[1] else None
+        self.b = b if self.needs_input_grad[0] else None
+        self.sa, self.sb = a.shape, b.shape
+        return a @ b
+
+    def backward(self, g):
+        ga = gb = None
+        if self.needs_input_grad[0]:
+            ga = unbroadcast(g @ self.b.swapaxes(-1, -2), self.sa)
+        if self.needs_input_grad[1]:
+            gb = unbroadcast(self.a.swapaxes(-1, -2) @ g, self.sb)
+        return ga, gb
+
+
+def matmul(a: Any, b: Any) -> Tensor:
+    """Matrix product with NumPy semantics (1-D operands are promoted and squeezed)."""
+    ta, tb = _coerce_inputs((a, b))
+    _check_same_float("matmul", ta, tb)
+    if ta.ndim == 0 or tb.ndim == 0:
+        raise ValueError(f"matmul: operands must be at least 1-D, got {ta.shape} and {tb.shape}")
+    squeeze_a, squeeze_b = ta.ndim == 1, tb.ndim == 1
+    if squeeze_a:
+        ta = reshape(ta, (1, ta.shape[0]))
+    if squeeze_b:
+        tb = reshape(tb, (tb.shape[0], 1))
+    if ta.shape[-1] != tb.shape[-2]:
+        raise ValueError(
+            f"matmul: inner dimensions differ: a has {ta.shape[-1]} columns "
+            f"(shape {a.shape if hasattr(a, 'shape') else ()}), b has {tb.shape[-2]} rows"
+        )
+    try:
+        np.broadcast_shapes(ta.shape[:-2], tb.shape[:-2])
+    except ValueError:
+        raise ValueError(
+            f"matmul: batch shapes {ta.shape[:-2]} and {tb.shape[:-2]} do not broadcast"
+        ) from None
+    y = MatMul.apply(ta, tb)
+    if squeeze_a:
+        y = reshape(y, y.shape[:-2] + y.shape[-1:])
+    if squeeze_b:
+        y = reshape(y, y.shape[:-1])
+    return y
+
+
+# ---------------------------------------------------------------------------- reductions
+class Sum(Function):
+    """y = Σ_axes x.   x̄ = ḡ broadcast back over the reduced axes.   [ops.sum]"""
+
+    def forward(self, x, axis, keepdims):
+        self.shape, self.axis, self.keepdims = x.shape, axis, keepdims
+        return x.sum(axis=axis, keepdims=keepdims)
+
+    def backward(self, g):
+        g = _expand_reduced(g, self.shape, self.axis, self.keepdims)
+        return backend.xp_of(g).broadcast_to(g, self.shape)
+
+
+class Max(Function):
+    """y = max_axes x.   x̄ = ḡ ⊙ 1[x = y] / (number of ties).   [ops.max]
+
+    Ties share the gradient equally (PyTorch's ``amax``), so the VJP is the same
+    whichever maximal entry one would pick.
+    """
+
+    def forward(self, x, axis, keepdims):
+        self.shape, self.axis, self.keepdims = x.shape, axis, keepdims
+        y = x.max(axis=axis, keepdims=True)
+        mask = x == y
+        self.w = mask / mask.sum(axis=axis, keepdims=True)
+        return y if keepdims else y.reshape([n for i, n in enumerate(x.shape) if i not in axis])
+
+    def backward(self, g):
+        return _expand_reduced(g, self.shape, self.axis, self.keepdims) * self.w
+
+
+class Var(Function):
+    """y = Σ(x − μ)² / (n − ddof) over the axes.   x̄ = ḡ ⊙ 2(x − μ)/(n − ddof).   [ops.var]
+
+    (The μ-dependence drops out because Σ(x − μ) = 0.)
+    """
+
+    def forward(self, x, axis, keepdims, ddof):
+        n = int(np.prod([x.shape[i] for i in axis])) if axis else 1
+        if n - ddof <= 0:
+            raise ValueError(f"ddof: {ddof} leaves no degrees of freedom for {n} elements")
+        self.shape, self.axis, self.keepdims = x.shape, axis, keepdims
+        self.centered = x - x.mean(axis=axis, keepdims=True)
+        self.denom = n - ddof
+        return (self.centered**2).sum(axis=axis, keepdims=keepdims) / self.denom
+
+    def backward(self, g):
+        g = _expand_reduced(g, self.shape, self.axis, self.keepdims)
+        return g * (2.0 / self.denom) * self.centered
+
+
+def sum(x: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:
+    """Sum over ``axis`` (None: all axes)."""
+    x = as_tensor(x)
+    return Sum.apply(x, axis=_normalize_axis(axis, x.ndim), keepdims=keepdims)
+
+
+def mean(x: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:
+    """Mean over ``axis``: the sum divided by the number of reduced elements."""
+    x = as_tensor(x)
+    axes = _normalize_axis(axis, x.ndim)
+    n = int(np.prod([x.shape[i] for i in axes])) if axes else 1
+    if n == 0:
+        raise ValueError(f"x: mean over an empty axis of a tensor of shape {x.shape}")
+    return Sum.apply(x, axis=axes, keepdims=keepdims) * (1.0 / n)
+
+
+def max(x: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:
+    """Maximum over ``axis``; ties share the gradient."""
+    x = as_tensor(x)
+    if x.size == 0:
+        raise ValueError("x: max of an empty tensor")
+    return Max.apply(x, axis=_normalize_axis(axis, x.ndim), keepdims=keepdims)
+
+
+def var(x: Tensor, axis: Any = None, keepdims: bool = False, ddof: int = 0) -> Tensor:
+    """Variance over ``axis`` with ``ddof`` (NumPy's convention; 0 = population)."""
+    x = as_tensor(x)
+    return Var.apply(x, axis=_normalize_axis(axis, x.ndim), keepdims=keepdims, ddof=ddof)
+
+
+# ---------------------------------------------------------------------------- shape
+class Reshape(Function):
+    """y = x viewed with a new shape.   x̄ = ḡ reshaped back.   [ops.reshape]"""
+
+    def forward(self, x, shape):
+        self.shape = x.shape
+        return x.reshape(shape)
+
+    def backward(self, g):
+        return g.reshape(self.shape)
+
+
+class Transpose(Function):
+    """y = x with axes permuted by π.   x̄ = ḡ permuted by π⁻¹.   [ops.transpose]"""
+
+    def forward(self, x, axes):
+        self.inverse = None if axes is None else tuple(np.argsort(axes))
+        return x.transpose(axes)
+
+    def backward(self, g):
+        return g.transpose(self.inverse)
+
+
+class GetItem(Function):
+    """y = x[index] (basic or advanced).   x̄ = zeros, then x̄[index] += ḡ.   [ops.getitem]
+
+    Repeated advanced indices accumulate (scatter-add), as the chain rule requires.
+    """
+
+    def forward(self, x, index):
+        self.shape, self.dtype, self.index = x.shape, x.dtype, index
+        return x[index]
+
+    def backward(self, g):
+        out = backend.xp_of(g).zeros(self.shape, dtype=g.dtype)
+        if _is_basic_index(self.index):
+            out[self.index] = g  # a basic index selects every element at most once
+        else:
+            backend.scatter_add(out, self.index, g)
+        return out
+
+
+def _is_basic_index(index: Any) -> bool:
+    items = index if isinstance(index, tuple) else (index,)
+    return all(isinstance(i, int | np.integer | slice) or i is None or i is Ellipsis for i in items)
+
+
+class Concat(Function):
+    """y = [x₁, x₂, …] along an axis.   x̄ᵢ = the matching slice of ḡ.   [ops.concat]"""
+
+    def forward(self, *xs, axis):
+        self.axis = axis
+        self.bounds = np.cumsum([0] + [x.shape[axis] for x in xs])
+        return backend.xp_of(*xs).concatenate(xs, axis=axis)
+
+    def backward(self, g):
+        out = []
+        for i, need in enumerate(self.needs_input_grad):
+            if not need:
+                out.append(None)
+                continue
+            sl = [slice(None)] * g.ndim
+            sl[self.axis] = slice(int(self.bounds[i]), int(self.bounds[i + 1]))
+            out.append(g[tuple(sl)])
+        return tuple(out)
+
+
+def reshape(x: Tensor, shape: Sequence[int]) -> Tensor:
+    """Reshape (one entry may be −1)."""
+    x = as_tensor(x)
+    shape = tuple(int(s) for s in shape)
+    known = int(np.prod([s for s in shape if s != -1]))
+    n_free = shape.count(-1)
+    if n_free > 1 or any(s < -1 for s in shape):
+        raise ValueError(f"shape: invalid target shape {shape}")
+    if n_free == 1:
+        if known == 0 or x.size % known:
+            raise ValueError(f"shape: cannot reshape a tensor of shape {x.shape} to {shape}")
+        shape = tuple(x.size // known if s == -1 else s for s in shape)
+    elif known != x.size:
+        raise ValueError(f"shape: cannot reshape a tensor of shape {x.shape} to {shape}")
+    return Reshape.apply(x, shape=shape)
+
+
+def transpose(x: Tensor, axes: Sequence[int] | None = None) -> Tensor:
+    """Permute axes (None reverses them, as NumPy)."""
+    x = as_tensor(x)
+    if axes is not None:
+        axes = tuple(int(a) % builtins.max(x.ndim, 1) for a in axes)
+        if sorted(axes) != list(range(x.ndim)):
+            raise ValueError(f"axes: {axes} is not a permutation of the {x.ndim} axes")
+    return Transpose.apply(x, axes=axes)
+
+
+def getitem(x: Tensor, index: Any) -> Tensor:
+    """``x[index]``; Tensor indices are used by value (they get no gradient)."""
+    if isinstance(index, Tensor):
+        index = index.data
+    elif isinstance(index, tuple):
+        index = tuple(i.data if isinstance(i, Tensor) else i for i in index)
+    elif isinstance(index, list):
+        index = np.asarray(index)
+    return GetItem.apply(x, index=index)
+
+
+def concat(xs: Sequence[Tensor], axis: int = 0) -> Tensor:
+    """Concatenate along an existing axis."""
+    ts = _coerce_inputs(tuple(xs))
+    if not ts:
+        raise ValueError("xs: expected at least one tensor")
+    nd = ts[0].ndim
+    ax = axis % builtins.max(nd, 1)
+    for i, t in enumerate(ts):
+        if (
+            t.ndim != nd
+            or t.shape[:ax] + t.shape[ax + 1 :] != ts[0].shape[:ax] + ts[0].shape[ax + 1 :]
+        ):
+            raise ValueError(
+                f"xs[{i}]: shape {t.shape} does not match {ts[0].shape} outside axis {axis}"
+            )
+    return Concat.apply(*ts, axis=ax)
+
+
+def stack(xs: Sequence[Tensor], axis: int = 0) -> Tensor:
+    """Stack along a new axis (a reshape of each input, then a concat)."""
+    ts = _coerce_inputs(tuple(xs))
+    if not ts:
+        raise ValueError("xs: expected at least one tensor")
+    for i, t in enumerate(ts):
+        if t.shape != ts[0].shape:
+            raise ValueError(f"xs[{i}]: shape {t.shape} differs from xs[0]'s {ts[0].shape}")
+    nd = ts[0].ndim + 1
+    ax = axis % nd
+    expanded = [reshape(t, t.shape[:ax] + (1,) + t.shape[ax:]) for t in ts]
+    return concat(expanded, axis=ax)
+
+
+# ---------------------------------------------------------------------------- selection
+class Where(Function):
+    """y = cond ? a : b.   ā = ḡ ⊙ cond, b̄ = ḡ ⊙ ¬cond.   [ops.where]"""
+
+    def forward(self, a, b, cond):
+        self.cond, self.sa, self.sb = cond, a.shape, b.shape
+        return backend.xp_of(a, b).where(cond, a, b)
+
+    def backward(self, g):
+        xp = backend.xp_of(g)
+        zero = xp.zeros((), dtype=g.dtype)
+        ga = (
+            unbroadcast(xp.where(self.cond, g, zero), self.sa) if self.needs_input_grad[0] else None
+        )
+        gb = (
+            unbroadcast(xp.where(self.cond, zero, g), self.sb) if self.needs_input_grad[1] else None
+        )
+        return ga, gb
+
+
+def _as_bool_mask(name: str, cond: Any) -> Any:
+    if isinstance(cond, Tensor):
+        cond = cond.data
+    xp = backend.xp_of(cond)
+    cond = xp.asarray(cond)
+    if cond.dtype != bool:
+        raise TypeError(f"{name}: expected a boolean mask, got dtype {cond.dtype}")
+    return cond
+
+
+def where(cond: Any, a: Any, b: Any) -> Tensor:
+    """Select from ``a`` where ``cond`` is true, else from ``b`` (all broadcast)."""
+    cond = _as_bool_mask("cond", cond)
+    ta, tb = _coerce_inputs((a, b))
+    _check_same_float("where", ta, tb)
+    try:
+        np.broadcast_shapes(cond.shape, ta.shape, tb.shape)
+    except ValueError:
+        raise ValueError(
+            f"where: cond {cond.shape}, a {ta.shape} and b {tb.shape} do not broadcast"
+        ) from None
+    return Where.apply(ta, tb, cond=cond)
+
+
+def masked_fill(x: Tensor, mask: Any, value: float) -> Tensor:
+    """``x`` with entries where ``mask`` is true replaced by the constant ``value``."""
+    x = as_tensor(x)
+    mask = _as_bool_mask("mask", mask)
+    try:
+        out_shape = np.broadcast_shapes(mask.shape, x.shape)
+    except ValueError:
+        raise ValueError(f"mask: shape {mask.shape} does not broadcast to x's {x.shape}") from None
+    if out_shape != x.shape:
+        raise ValueError(f"mask: shape {mask.shape} would enlarge x's shape {x.shape}")
+    fill = backend.xp_of(x.data).asarray(value, dtype=x.dtype)
+    return Where.apply(Tensor(fill), x, cond=mask)
+
+
+# ---------------------------------------------------------------------------- embedding
+class Embedding(Function):
+    """y = W[ids] (row gather).   W̄ = zeros, then W̄[ids] += ḡ (scatter-add).   [ops.embedding]"""
+
+    def forward(self, weight, ids):
+        self.shape, self.ids = weight.shape, ids
+        return weight[ids]
+
+    def backward(self, g):
+        out = backend.xp_of(g).zeros(self.shape, dtype=g.dtype)
+        backend.scatter_add(out, self.ids.reshape(-1), g.reshape(-1, self.shape[-1]))
+        return out
+
+
+def embedding(weight: Tensor, ids: Any) -> Tensor:
+    """Rows of ``weight`` (V, D) picked by integer ``ids`` of any shape → (*ids.shape, D)."""
+    if isinstance(ids, Tensor):
+        ids = ids.data
+    xp = backend.xp_of(ids)
+    ids = xp.asarray(ids)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"ids: expected integer token ids, got dtype {ids.dtype}")
+    if weight.ndim != 2:
+        raise ValueError(f"weight: expected shape (vocab, dim), got {weight.shape}")
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]):
+        raise ValueError(
+            f"ids: values must lie in [0, {weight.shape[0]}), got range "
+            f"[{int(ids.min())}, {int(ids.max())}]"
+        )
+    return Embedding.apply(weight, ids=ids)
+
+
+# ---------------------------------------------------------------------------- softmax family
+class Softmax(Function):
+    """y = softmax(x) along an axis, computed as e^{x−max x}/Σ e^{x−max x}.   [ops.softmax]
+
+    x̄ = y ⊙ (ḡ − Σⱼ ḡⱼ yⱼ)  (the Jacobian diag(y) − y yᵀ applied to ḡ).
+    """
+
+    def forward(self, x, axis):
+        xp = backend.xp_of(x)
+        e = xp.exp(x - x.max(axis=axis, keepdims=True))
+        self.y, self.axis = e / e.sum(axis=axis, keepdims=True), axis
+        return self.y
+
+    def backward(self, g):
+        y = self.y
+        return y * (g - (g * y).sum(axis=self.axis, keepdims=True))
+
+
+class LogSoftmax(Function):
+    """y = x − logsumexp(x) along an axis (shifted by max x for stability).   [ops.log_softmax]
+
+    x̄ = ḡ − softmax(x) ⊙ Σⱼ ḡⱼ.
+    """
+
+    def forward(self, x, axis):
+        xp = backend.xp_of(x)
+        shifted = x - x.max(axis=axis, keepdims=True)
+        y = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+        self.y, self.axis = y, axis
+        return y
+
+    def backward(self, g):
+        xp = backend.xp_of(g)
+        return g - xp.exp(self.y) * g.sum(axis=self.axis, keepdims=True)
+
+
+class CrossEntropy(Function):
+    """L = mean over valid i of (logsumexp(zᵢ) − z_{i,tᵢ}).   [ops.cross_entropy]
+
+    z̄ᵢ = ḡ · (softmax(zᵢ) − onehot(tᵢ)) / n_valid for valid rows, 0 for ignored rows.
+    With every target ignored the mean is 0/0 = NaN, as in PyTorch.
+    """
+
+    def forward(self, logits, targets, ignore_index):
+        xp = backend.xp_of(logits)
+        c = logits.shape[-1]
+        z = logits.reshape(-1, c)
+        t = targets.reshape(-1)
+        valid = t != ignore_index
+        safe_t = xp.where(valid, t, 0)
+        shifted = z - z.max(axis=1, keepdims=True)
+        lse = xp.log(xp.exp(shifted).sum(axis=1))
+        picked = xp.take_along_axis(shifted, safe_t[:, None], axis=1)[:, 0]
+        n_valid = int(valid.sum())
+        self.shape, self.valid, self.t, self.n = logits.shape, valid, safe_t, n_valid
+        self.p = xp.exp(shifted - lse[:, None]) if self.needs_input_grad[0] else None
+        losses = (lse - picked) * valid
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return xp.asarray(losses.sum() / n_valid if n_valid else np.nan, dtype=logits.dtype)
+
+    def backward(self, g):
+        xp = backend.xp_of(g)
+        d = self.p.copy()
+        d[xp.arange(d.shape[0]), self.t] -= 1
+        d *= self.valid[:, None] * (g / builtins.max(self.n, 1))
+        return d.reshape(self.shape)
+
+
+def softmax(x: Tensor, axis: int = -1) -> Tensor:
+    """Numerically stable softmax along ``axis``."""
+    x = as_tensor(x)
+    return Softmax.apply(x, axis=_normalize_axis(axis, x.ndim)[0])
+
+
+def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
+    """Numerically stable log-softmax along ``axis``."""
+    x = as_tensor(x)
+    return LogSoftmax.apply(x, axis=_normalize_axis(axis, x.ndim)[0])
+
+
+def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Tensor:
+    """Mean cross-entropy of ``logits`` (..., C) against integer ``targets`` (...).
+
+    Targets equal to ``ignore_index`` contribute neither loss nor gradient.
+    """
+    logits = as_tensor(logits)
+    if isinstance(targets, Tensor):
+        targets = targets.data
+    xp = backend.xp_of(logits.data)
+    targets = xp.asarray(targets)
+    if targets.dtype.kind not in "iu":
+        raise TypeError(f"targets: expected integer class ids, got dtype {targets.dtype}")
+    if logits.ndim < 1 or tuple(targets.shape) != logits.shape[:-1]:
+        raise ValueError(
+            f"targets: expected shape {logits.shape[:-1]} (logits without the class axis), "
+            f"got {tuple(targets.shape)}"
+        )
+    valid = targets[targets != ignore_index]
+    if valid.size and (int(valid.min()) < 0 or int(valid.max()) >= logits.shape[-1]):
+        raise ValueError(
+            f"targets: class ids must lie in [0, {logits.shape[-1]}) or equal "
+            f"ignore_index={ignore_index}, got range [{int(valid.min())}, {int(valid.max())}]"
+        )
+    return CrossEntropy.apply(logits, targets=targets, ignore_index=ignore_index)
+
+
+# ---------------------------------------------------------------------------- layer norm
+class LayerNorm(Function):
+    """Layer normalization over the last axis, fused.   [ops.layer_norm]
+
+    forward:  μ = mean(x),  σ² = mean((x − μ)²),  r = 1/√(σ² + ε),
+              x̂ = (x − μ)·r,  y = x̂ ⊙ γ + β
+    backward: γ̄ = Σ_rows ḡ ⊙ x̂,  β̄ = Σ_rows ḡ,  with ĝ = ḡ ⊙ γ:
+              x̄ = r · (ĝ − mean(ĝ) − x̂ ⊙ mean(ĝ ⊙ x̂))
+    """
+
+    def forward(self, x, weight, bias, eps):
+        xp = backend.xp_of(x)
+        mu = x.mean(axis=-1, keepdims=True)
+        xc = x - mu
+        var = (xc * xc).mean(axis=-1, keepdims=True)
+        self.rstd = 1.0 / xp.sqrt(var + eps)
+        self.xhat = xc * self.rstd
+        self.weight = weight
+        return self.xhat * weight + bias
+
+    def backward(self, g):
+        xhat = self.xhat
+        lead = tuple(range(g.ndim - 1))
+        gx = gw = gb = None
+        if self.needs_input_grad[0]:
+            gh = g * self.weight
+            gx = self.rstd * (
+                gh
+                - gh.mean(axis=-1, keepdims=True)
+                - xhat * (gh * xhat).mean(axis=-1, keepdims=True)
+            )
+        if self.needs_input_grad[1]:
+            gw = (g * xhat).sum(axis=lead)
+        if self.needs_input_grad[2]:
+            gb = g.sum(axis=lead)
+        return gx, gw, gb
+
+
+def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
+    """LayerNorm over the last axis with optional affine ``weight`` (γ) and ``bias`` (β)."""
+    x = as_tensor(x)
+    d = x.shape[-1] if x.ndim else 0
+    xp = backend.xp_of(x.data)
+    w = weight if weight is not None else Tensor(xp.ones(d, dtype=x.dtype))
+    b = bias if bias is not None else Tensor(xp.zeros(d, dtype=x.dtype))
+    for name, t in (("weight", w), ("bias", b)):
+        if t.shape != (d,):
+            raise ValueError(
+                f"{name}: expected shape ({d},) for x of shape {x.shape}, got {t.shape}"
+            )
+        _check_same_float("layer_norm", x, t)
+    if eps <= 0:
+        raise ValueError(f"eps: expected a positive number, got {eps}")
+    return LayerNorm.apply(x, w, b, eps=float(eps))
+
+
+# ---------------------------------------------------------------------------- dropout
+class Dropout(Function):
+    """y = x ⊙ m / (1 − p), m ~ Bernoulli(1 − p).   x̄ = ḡ ⊙ m / (1 − p).   [ops.dropout]"""
+
+    def forward(self, x, p, rng):
+        xp = backend.xp_of(x)
+        keep = rng.random(x.shape) >= p
+        self.scale = xp.asarray(keep, dtype=x.dtype) * x.dtype.type(1.0 / (1.0 - p))
+        return x * self.scale
+
+    def backward(self, g):
+        return g * self.scale
+
+
+def dropout(
+    x: Tensor, p: float, training: bool = True, rng: np.random.Generator | None = None
+) -> Tensor:
+    """Inverted dropout: zero each entry with probability ``p`` and rescale the rest."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p: dropout probability must lie in [0, 1], got {p}")
+    x = as_tensor(x)
+    if not training or p == 0.0:
+        return x
+    if p == 1.0:
+        return x * 0.0
+    return Dropout.apply(x, p=float(p), rng=rng if rng is not None else backend.rng())

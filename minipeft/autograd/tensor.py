@@ -1,0 +1,423 @@
+"""Tensor, Function and reverse-mode accumulation — the whole engine in one page.
+
+A ``Tensor`` holds an array (``data``), an optional gradient (``grad``, same shape) and
+``requires_grad``. Every differentiable operation is a ``Function`` subclass with its
+``forward`` and ``backward`` side by side (derivations/autograd.md, ``autograd.vjp``):
+
+    forward(*arrays)  -> y
+    backward(ḡ)       -> (ḡ·∂y/∂x₁, ḡ·∂y/∂x₂, ...)    one vector-Jacobian product per input
+
+``Function.apply`` runs ``forward`` on the inputs' arrays and, when any input requires a
+gradient and gradients are enabled, records the function on the output. ``backward``
+walks the recorded graph in reverse topological order and accumulates ``grad += ...``
+(a node used twice receives the sum of both contributions — the multivariate chain rule).
+
+Frozen weights are the point of PEFT: ``backward`` is told which inputs need a gradient
+(``self.needs_input_grad``) and must return ``None`` for the others without computing
+anything; the engine never allocates a ``grad`` for a tensor with ``requires_grad=False``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from .. import backend
+
+__all__ = ["Function", "Tensor", "as_tensor", "is_grad_enabled", "no_grad", "tensor"]
+
+_GRAD_ENABLED = True
+
+
+def is_grad_enabled() -> bool:
+    """Whether new operations are being recorded for backward."""
+    return _GRAD_ENABLED
+
+
+@contextlib.contextmanager
+def no_grad() -> Iterator[None]:
+    """Run operations without recording them (inference, optimizer updates)."""
+    global _GRAD_ENABLED
+    old = _GRAD_ENABLED
+    _GRAD_ENABLED = False
+    try:
+        yield
+    finally:
+        _GRAD_ENABLED = old
+
+
+def _as_array(data: Any, dtype: Any = None) -> Any:
+    """Array of ``data`` in its own namespace; Python floats take the default dtype."""
+    if isinstance(data, Tensor):
+        raise TypeError("data: expected an array or a number, got a Tensor (use .data)")
+    xp = backend.xp_of(data)
+    if xp is np and not isinstance(data, np.ndarray | np.generic):
+        xp = backend.xp()  # Python scalars and lists go to the current backend
+    arr = xp.asarray(data, dtype=dtype)
+    if dtype is None and arr.dtype.kind in "fc" and not isinstance(data, np.ndarray | np.generic):
+        if not hasattr(data, "__array_namespace__"):
+            arr = arr.astype(backend.default_dtype(), copy=False)
+    if dtype is None and arr.dtype.kind in "iub" and not hasattr(data, "dtype"):
+        # Python ints/bools given as data stay integer arrays (indices, masks)
+        pass
+    return arr
+
+
+class Tensor:
+    """An array with an optional gradient and a link to the Function that made it."""
+
+    __slots__ = ("__weakref__", "_ctx", "data", "grad", "name", "requires_grad")
+    __array_priority__ = 1000  # so ndarray + Tensor dispatches to Tensor.__radd__
+
+    def __init__(
+        self, data: Any, requires_grad: bool = False, dtype: Any = None, name: str | None = None
+    ) -> None:
+        self.data = _as_array(data, dtype)
+        if requires_grad and self.data.dtype.kind != "f":
+            raise TypeError(
+                f"requires_grad: only floating tensors can require a gradient, "
+                f"got dtype {self.data.dtype}"
+            )
+        self.requires_grad = bool(requires_grad)
+        self.grad: Any = None
+        self._ctx: Function | None = None
+        self.name = name
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.data.dtype
+
+    @property
+    def size(self) -> int:
+        return int(self.data.size)
+
+    @property
+    def is_leaf(self) -> bool:
+        return self._ctx is None
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __repr__(self) -> str:
+        flag = ", requires_grad=True" if self.requires_grad else ""
+        name = f", name={self.name!r}" if self.name else ""
+        return f"Tensor(shape={self.shape}, dtype={self.dtype}{flag}{name})"
+
+    def numpy(self) -> np.ndarray:
+        """The data as a NumPy array (copied from the device under CuPy)."""
+        return backend.to_numpy(self.data)
+
+    def item(self) -> float:
+        return self.data.item()
+
+    def detach(self) -> Tensor:
+        """The same data, cut from the graph."""
+        return Tensor(self.data, requires_grad=False)
+
+    def astype(self, dtype: Any) -> Tensor:
+        """A differentiable dtype cast."""
+        from .ops import astype
+
+        return astype(self, dtype)
+
+    def zero_grad(self) -> None:
+        self.grad = None
+
+    def requires_grad_(self, flag: bool = True) -> Tensor:
+        if flag and self.data.dtype.kind != "f":
+            raise TypeError(f"requires_grad: dtype {self.data.dtype} cannot require a gradient")
+        self.requires_grad = bool(flag)
+        return self
+
+    # ------------------------------------------------------------------ backward
+    def backward(self, grad: Any = None) -> None:
+        """Accumulate d(self)/d(leaf) into every leaf's ``.grad`` that requires one.
+
+        ``grad`` is the upstream gradient ḡ (defaults to 1 for a scalar). The graph is
+        walked in reverse topological order; each Function receives the sum of all
+        gradients flowing into its output before it runs, so shared nodes are handled once.
+        """
+        if not self.requires_grad:
+            raise RuntimeError("backward: this tensor does not require a gradient")
+        if grad is None:
+            if self.data.size != 1:
+                raise ValueError(f"grad: required for a non-scalar output of shape {self.shape}")
+            grad = backend.xp_of(self.data).ones_like(self.data)
+        else:
+            grad = grad.data if isinstance(grad, Tensor) else _as_array(grad, self.dtype)
+            if tuple(grad.shape) != self.shape:
+                raise ValueError(f"grad: expected shape {self.shape}, got {tuple(grad.shape)}")
+
+        order = _topological_order(self)
+        grads: dict[int, Any] = {id(self): grad}
+        for node in order:  # outputs before inputs
+            g = grads.pop(id(node), None)
+            if g is None:
+                continue
+            fn = node._ctx
+            if fn is None:  # a leaf: accumulate into .grad
+                if node.grad is None:
+                    node.grad = g.copy()  # g may be shared with other nodes
+                else:
+                    node.grad += g
+                continue
+            if fn.parents is None:
+                raise RuntimeError(
+                    "backward: this graph was already used by a backward pass; "
+                    "run the forward again"
+                )
+            in_grads = fn.backward(g)
+            if not isinstance(in_grads, tuple):
+                in_grads = (in_grads,)
+            if len(in_grads) != len(fn.parents):
+                raise RuntimeError(
+                    f"{type(fn).__name__}.backward returned {len(in_grads)} gradients "
+                    f"for {len(fn.parents)} inputs"
+                )
+            for parent, pg, needed in zip(fn.parents, in_grads, fn.needs_input_grad):
+                if not needed:
+                    continue
+                if pg is None:
+                    raise RuntimeError(f"{type(fn).__name__}.backward gave no gradient")
+                key = id(parent)
+                if key in grads:
+                    grads[key] = grads[key] + pg
+                else:
+                    grads[key] = pg
+            fn.release()
+
+    # ------------------------------------------------------------------ operators
+    def __add__(self, other: Any) -> Tensor:
+        from .ops import add
+
+        return add(self, other)
+
+    def __radd__(self, other: Any) -> Tensor:
+        from .ops import add
+
+        return add(other, self)
+
+    def __sub__(self, other: Any) -> Tensor:
+        from .ops import sub
+
+        return sub(self, other)
+
+    def __rsub__(self, other: Any) -> Tensor:
+        from .ops import sub
+
+        return sub(other, self)
+
+    def __mul__(self, other: Any) -> Tensor:
+        from .ops import mul
+
+        return mul(self, other)
+
+    def __rmul__(self, other: Any) -> Tensor:
+        from .ops import mul
+
+        return mul(other, self)
+
+    def __truediv__(self, other: Any) -> Tensor:
+        from .ops import div
+
+        return div(self, other)
+
+    def __rtruediv__(self, other: Any) -> Tensor:
+        from .ops import div
+
+        return div(other, self)
+
+    def __neg__(self) -> Tensor:
+        from .ops import neg
+
+        return neg(self)
+
+    def __pow__(self, exponent: float) -> Tensor:
+        from .ops import pow as pow_
+
+        return pow_(self, exponent)
+
+    def __matmul__(self, other: Any) -> Tensor:
+        from .ops import matmul
+
+        return matmul(self, other)
+
+    def __rmatmul__(self, other: Any) -> Tensor:
+        from .ops import matmul
+
+        return matmul(other, self)
+
+    def __getitem__(self, index: Any) -> Tensor:
+        from .ops import getitem
+
+        return getitem(self, index)
+
+    # ------------------------------------------------------------------ methods
+    def sum(self, axis: Any = None, keepdims: bool = False) -> Tensor:
+        from .ops import sum as sum_
+
+        return sum_(self, axis=axis, keepdims=keepdims)
+
+    def mean(self, axis: Any = None, keepdims: bool = False) -> Tensor:
+        from .ops import mean
+
+        return mean(self, axis=axis, keepdims=keepdims)
+
+    def max(self, axis: Any = None, keepdims: bool = False) -> Tensor:
+        from .ops import max as max_
+
+        return max_(self, axis=axis, keepdims=keepdims)
+
+    def var(self, axis: Any = None, keepdims: bool = False, ddof: int = 0) -> Tensor:
+        from .ops import var
+
+        return var(self, axis=axis, keepdims=keepdims, ddof=ddof)
+
+    def reshape(self, *shape: Any) -> Tensor:
+        from .ops import reshape
+
+        if len(shape) == 1 and isinstance(shape[0], tuple | list):
+            shape = tuple(shape[0])
+        return reshape(self, shape)
+
+    def transpose(self, *axes: Any) -> Tensor:
+        from .ops import transpose
+
+        if len(axes) == 1 and isinstance(axes[0], tuple | list):
+            axes = tuple(axes[0])
+        return transpose(self, axes or None)
+
+    def permute(self, *axes: int) -> Tensor:
+        return self.transpose(*axes)
+
+    @property
+    def T(self) -> Tensor:
+        from .ops import transpose
+
+        return transpose(self, None)
+
+    def exp(self) -> Tensor:
+        from .ops import exp
+
+        return exp(self)
+
+    def log(self) -> Tensor:
+        from .ops import log
+
+        return log(self)
+
+    def sqrt(self) -> Tensor:
+        from .ops import sqrt
+
+        return sqrt(self)
+
+    def tanh(self) -> Tensor:
+        from .ops import tanh
+
+        return tanh(self)
+
+    def relu(self) -> Tensor:
+        from .ops import relu
+
+        return relu(self)
+
+    def sigmoid(self) -> Tensor:
+        from .ops import sigmoid
+
+        return sigmoid(self)
+
+
+def tensor(data: Any, requires_grad: bool = False, dtype: Any = None) -> Tensor:
+    """Create a Tensor (floats default to the current default dtype)."""
+    return Tensor(data, requires_grad=requires_grad, dtype=dtype)
+
+
+def as_tensor(x: Any, like: Tensor | None = None) -> Tensor:
+    """``x`` itself if it is a Tensor, else a constant Tensor (dtype of ``like`` for scalars)."""
+    if isinstance(x, Tensor):
+        return x
+    if like is not None and np.isscalar(x):
+        return Tensor(backend.xp_of(like.data).asarray(x, dtype=like.dtype))
+    return Tensor(x)
+
+
+def _topological_order(root: Tensor) -> list[Tensor]:
+    """Nodes reachable from ``root`` that require grad, outputs first (iterative DFS)."""
+    order: list[Tensor] = []
+    visited: set[int] = set()
+    stack: list[tuple[Tensor, bool]] = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded:
+            order.append(node)
+            continue
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        stack.append((node, True))
+        if node._ctx is not None:
+            for parent in node._ctx.parents:
+                if parent.requires_grad and id(parent) not in visited:
+                    stack.append((parent, False))
+    order.reverse()
+    return order
+
+
+class Function:
+    """One differentiable operation: ``forward`` and ``backward`` side by side.
+
+    Subclasses implement ``forward(self, *arrays, **params)`` returning an array and
+    ``backward(self, grad)`` returning one gradient (or ``None``) per array input; they
+    save what backward needs on ``self`` and consult ``self.needs_input_grad``.
+    ``backward`` must not modify ``grad`` in place (it may be shared).
+    """
+
+    parents: tuple[Tensor, ...] = ()
+    needs_input_grad: tuple[bool, ...] = ()
+
+    @classmethod
+    def apply(cls, *inputs: Any, **params: Any) -> Tensor:
+        tensors = _coerce_inputs(inputs)
+        fn = cls()
+        fn.needs_input_grad = tuple(t.requires_grad for t in tensors)
+        out = fn.forward(*(t.data for t in tensors), **params)
+        record = _GRAD_ENABLED and any(fn.needs_input_grad)
+        result = Tensor.__new__(Tensor)
+        result.data = out
+        result.grad = None
+        result.name = None
+        result.requires_grad = record
+        result._ctx = None
+        if record:
+            fn.parents = tensors
+            result._ctx = fn
+        return result
+
+    def forward(self, *arrays: Any, **params: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} defines no forward")
+
+    def backward(self, grad: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} defines no backward")
+
+    def release(self) -> None:
+        """Drop saved arrays once backward has run (graphs are used once)."""
+        self.__dict__.clear()
+        self.parents = None  # type: ignore[assignment]
+
+
+def _coerce_inputs(inputs: Sequence[Any]) -> tuple[Tensor, ...]:
+    """Tensors as they are; numbers and arrays become constants (dtype of a Tensor peer)."""
+    like = next((x for x in inputs if isinstance(x, Tensor)), None)
+    return tuple(as_tensor(x, like) for x in inputs)

@@ -1,0 +1,159 @@
+"""The one place that chooses the array namespace and the dtype policy.
+
+minipeft computes with NumPy by default and with CuPy when asked:
+
+    >>> import minipeft
+    >>> minipeft.set_backend("numpy")      # the default
+    >>> minipeft.set_backend("cupy")       # raises BackendError without CuPy or a device
+
+Arrays carry their namespace with them, so an operation on existing arrays asks
+``xp_of(*arrays)`` (dispatch through ``array_api_compat``), while code that creates new
+arrays asks ``xp()`` for the current backend.
+
+Dtype policy: float32 is the training default; every gradient check runs in float64
+(``with dtype_policy("float64"): ...``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+__all__ = [
+    "BackendError",
+    "default_dtype",
+    "dtype_policy",
+    "get_backend",
+    "rng",
+    "scatter_add",
+    "seed",
+    "set_backend",
+    "set_default_dtype",
+    "to_numpy",
+    "xp",
+    "xp_of",
+]
+
+
+class BackendError(RuntimeError):
+    """The requested array backend cannot be used here (missing package or device)."""
+
+
+_BACKEND: str = "numpy"
+_XP: types.ModuleType = np
+_DEFAULT_DTYPE: np.dtype = np.dtype(np.float32)
+_FLOAT_DTYPES = ("float32", "float64")
+_RNG: np.random.Generator = np.random.default_rng(0)
+
+
+def set_backend(name: str) -> None:
+    """Select ``"numpy"`` (default) or ``"cupy"`` for newly created arrays.
+
+    Raises BackendError naming what is missing when CuPy is not installed or sees no
+    CUDA device, and ValueError for any other name.
+    """
+    global _BACKEND, _XP
+    if name == "numpy":
+        _BACKEND, _XP = "numpy", np
+        return
+    if name != "cupy":
+        raise ValueError(f"backend: expected 'numpy' or 'cupy', got {name!r}")
+    try:
+        import cupy
+    except ImportError as exc:  # pragma: no cover - depends on the machine
+        raise BackendError(
+            "backend 'cupy' requested but CuPy is not installed; "
+            "install the extra: pip install 'minipeft[gpu]'"
+        ) from exc
+    try:
+        n_devices = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        raise BackendError(f"backend 'cupy' requested but CUDA is unusable: {exc}") from exc
+    if n_devices < 1:  # pragma: no cover - depends on the machine
+        raise BackendError("backend 'cupy' requested but no CUDA device is visible")
+    _BACKEND, _XP = "cupy", cupy
+
+
+def get_backend() -> str:
+    """Name of the current backend: ``"numpy"`` or ``"cupy"``."""
+    return _BACKEND
+
+
+def xp() -> types.ModuleType:
+    """The current backend's module (``numpy`` or ``cupy``), for creating arrays."""
+    return _XP
+
+
+def xp_of(*arrays: Any) -> types.ModuleType:
+    """The array module that owns ``arrays`` (NumPy for scalars and NumPy arrays).
+
+    Dispatch is done by ``array_api_compat``; we return the library's own module rather
+    than the strict array-API wrapper because minipeft also uses functions outside the
+    standard (``add.at``/``scatter_add``, ``einsum``).
+    """
+    for a in arrays:
+        if array_api_compat.is_cupy_array(a):
+            import cupy
+
+            return cupy
+    return np
+
+
+def to_numpy(a: Any) -> np.ndarray:
+    """A NumPy copy (or view) of ``a`` wherever it lives."""
+    if array_api_compat.is_cupy_array(a):
+        return a.get()
+    return np.asarray(a)
+
+
+def scatter_add(target: Any, index: Any, values: Any) -> None:
+    """``target[index] += values`` with repeated indices accumulated (unbuffered)."""
+    if array_api_compat.is_cupy_array(target):
+        import cupyx
+
+        cupyx.scatter_add(target, index, values)
+    else:
+        np.add.at(target, index, values)
+
+
+def default_dtype() -> np.dtype:
+    """The floating dtype for new tensors and parameters (float32 unless changed)."""
+    return _DEFAULT_DTYPE
+
+
+def set_default_dtype(dtype: Any) -> None:
+    """Set the default floating dtype; only float32 and float64 are supported."""
+    global _DEFAULT_DTYPE
+    d = np.dtype(dtype)
+    if d.name not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype: expected one of {_FLOAT_DTYPES}, got {d.name}")
+    _DEFAULT_DTYPE = d
+
+
+@contextlib.contextmanager
+def dtype_policy(dtype: Any) -> Iterator[None]:
+    """Temporarily use ``dtype`` as the default (gradient checks use float64)."""
+    old = _DEFAULT_DTYPE
+    set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        set_default_dtype(old)
+
+
+def seed(value: int) -> None:
+    """Reseed minipeft's global generator (parameter init, dropout masks)."""
+    global _RNG
+    if not isinstance(value, int | np.integer) or value < 0:
+        raise ValueError(f"seed: expected a non-negative integer, got {value!r}")
+    _RNG = np.random.default_rng(int(value))
+
+
+def rng() -> np.random.Generator:
+    """minipeft's global NumPy generator (results are reproducible from ``seed``)."""
+    return _RNG

@@ -1,0 +1,1 @@
+"""Subcommands of ``python -m minipeft``: each module here defines ``register(subparsers)``."""

@@ -1,0 +1,1 @@
+"""Registered checks, one module per topic; every module here is imported by ``collect``."""
