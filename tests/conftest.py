@@ -1,11 +1,13 @@
-"""Shared test configuration: hypothesis profiles and helpers for optional peers."""
+"""Shared test configuration: hypothesis profiles.
+
+Tests that need an optional peer (torch, transformers, peft, bitsandbytes) call
+``pytest.importorskip(name, reason="...")`` so they skip with a reason when it is missing.
+"""
 
 from __future__ import annotations
 
-import importlib
 import os
 
-import pytest
 from hypothesis import HealthCheck, settings
 
 # JIT compilation (Numba) trips hypothesis' per-example deadline: no deadline anywhere.
@@ -18,13 +20,3 @@ settings.register_profile(
 settings.register_profile("thorough", parent=settings.get_profile("default"), max_examples=400)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
-
-def require(module: str, reason: str | None = None):
-    """Import an optional peer (torch, transformers, peft, bitsandbytes) or skip with a reason."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        pytest.skip(
-            reason
-            or f"{module} is not installed: install the 'crosscheck' extra to run this comparison"
-        )
