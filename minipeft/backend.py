@@ -19,12 +19,17 @@ from __future__ import annotations
 import contextlib
 import types
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeAlias
 
 import array_api_compat
 import numpy as np
 
+#: A NumPy or CuPy ndarray (whichever backend produced it). Function.forward/backward
+#: take and return these; the alias documents intent where a static type cannot.
+Array: TypeAlias = Any
+
 __all__ = [
+    "Array",
     "BackendError",
     "default_dtype",
     "dtype_policy",
