@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .. import backend
+from ..backend import Array
 from .tensor import Function, Tensor, _coerce_inputs, as_tensor
 
 __all__ = [
@@ -50,8 +51,18 @@ def _check_same_float(op: str, a: Tensor, b: Tensor) -> None:
         )
 
 
+def _float_peer(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Cast an integer/boolean operand (a constant: it cannot require grad) to the other's
+    floating dtype, so that float32 ⊕ int64 stays float32 instead of promoting to float64."""
+    if a.dtype.kind == "f" and b.dtype.kind in "iub":
+        b = Tensor(b.data.astype(a.dtype))
+    elif b.dtype.kind == "f" and a.dtype.kind in "iub":
+        a = Tensor(a.data.astype(b.dtype))
+    return a, b
+
+
 def _binary(fn: type[Function], op: str, a: Any, b: Any) -> Tensor:
-    ta, tb = _coerce_inputs((a, b))
+    ta, tb = _float_peer(*_coerce_inputs((a, b)))
     _check_same_float(op, ta, tb)
     try:
         return fn.apply(ta, tb)
@@ -67,9 +78,9 @@ def _normalize_axis(axis: Any, ndim: int) -> tuple[int, ...]:
     axes = (axis,) if isinstance(axis, int | np.integer) else tuple(axis)
     out = []
     for a in axes:
-        if not -ndim <= a < builtins.max(ndim, 1):
-            raise ValueError(f"axis: {a} is out of range for a tensor with {ndim} dimensions")
-        out.append(int(a) % builtins.max(ndim, 1))
+        if not isinstance(a, int | np.integer) or not -ndim <= a < ndim:
+            raise ValueError(f"axis: {a!r} is out of range for a tensor with {ndim} dimensions")
+        out.append(int(a) % ndim)
     if len(set(out)) != len(out):
         raise ValueError(f"axis: repeated axis in {axis}")
     return tuple(sorted(out))
@@ -86,11 +97,11 @@ def _expand_reduced(g: Any, shape: tuple[int, ...], axes: tuple[int, ...], keepd
 class Add(Function):
     """y = a + b.   ā = ḡ, b̄ = ḡ (summed over broadcast axes).   [ops.add]"""
 
-    def forward(self, a, b):
+    def forward(self, a: Array, b: Array) -> Array:
         self.sa, self.sb = a.shape, b.shape
         return a + b
 
-    def backward(self, g):
+    def backward(self, g: Array) -> Any:
         ga = unbroadcast(g, self.sa) if self.needs_input_grad[0] else None
         gb = unbroadcast(g, self.sb) if self.needs_input_grad[1] else None
         return ga, gb
@@ -99,11 +110,11 @@ class Add(Function):
 class Sub(Function):
     """y = a − b.   ā = ḡ, b̄ = −ḡ.   [ops.sub]"""
 
-    def forward(self, a, b):
+    def forward(self, a: Array, b: Array) -> Array:
         self.sa, self.sb = a.shape, b.shape
         return a - b
 
-    def backward(self, g):
+    def backward(self, g: Array) -> Any:
         ga = unbroadcast(g, self.sa) if self.needs_input_grad[0] else None
         gb = -unbroadcast(g, self.sb) if self.needs_input_grad[1] else None
         return ga, gb
@@ -112,13 +123,13 @@ class Sub(Function):
 class Mul(Function):
     """y = a ⊙ b.   ā = ḡ ⊙ b, b̄ = ḡ ⊙ a.   [ops.mul]"""
 
-    def forward(self, a, b):
+    def forward(self, a: Array, b: Array) -> Array:
         self.a = a if self.needs_input_grad[1] else None
         self.b = b if self.needs_input_grad[0] else None
         self.sa, self.sb = a.shape, b.shape
         return a * b
 
-    def backward(self, g):
+    def backward(self, g: Array) -> Any:
         ga = unbroadcast(g * self.b, self.sa) if self.needs_input_grad[0] else None
         gb = unbroadcast(g * self.a, self.sb) if self.needs_input_grad[1] else None
         return ga, gb
@@ -127,13 +138,13 @@ class Mul(Function):
 class Div(Function):
     """y = a / b.   ā = ḡ / b, b̄ = −ḡ ⊙ a / b² = −ḡ ⊙ y / b.   [ops.div]"""
 
-    def forward(self, a, b):
+    def forward(self, a: Array, b: Array) -> Array:
         y = a / b
         self.b, self.y = b, (y if self.needs_input_grad[1] else None)
         self.sa, self.sb = a.shape, b.shape
         return y
 
-    def backward(self, g):
+    def backward(self, g: Array) -> Any:
         ga = unbroadcast(g / self.b, self.sa) if self.needs_input_grad[0] else None
         gb = unbroadcast(-g * self.y / self.b, self.sb) if self.needs_input_grad[1] else None
         return ga, gb
@@ -142,21 +153,21 @@ class Div(Function):
 class Neg(Function):
     """y = −x.   x̄ = −ḡ.   [ops.neg]"""
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         return -x
 
-    def backward(self, g):
+    def backward(self, g: Array) -> Any:
         return -g
 
 
 class Pow(Function):
     """y = xᵖ for a constant exponent p.   x̄ = ḡ ⊙ p·xᵖ⁻¹.   [ops.pow]"""
 
-    def forward(self, x, p):
+    def forward(self, x: Array, p: Any) -> Array:
         self.x, self.p = x, p
         return x**p
 
-    def backward(self, g):
+    def backward(self, g: Array) -> Any:
         p = self.p
         return g * (p * self.x ** (p - 1)) if p != 0 else g * 0
 
@@ -164,44 +175,44 @@ class Pow(Function):
 class Exp(Function):
     """y = eˣ.   x̄ = ḡ ⊙ y.   [ops.exp]"""
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         self.y = backend.xp_of(x).exp(x)
         return self.y
 
-    def backward(self, g):
+    def backward(self, g: Array) -> Any:
         return g * self.y
 
 
 class Log(Function):
     """y = ln x.   x̄ = ḡ / x.   [ops.log]"""
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         self.x = x
         return backend.xp_of(x).log(x)
 
-    def backward(self, g):
+    def backward(self, g: Array) -> Any:
         return g / self.x
 
 
 class Sqrt(Function):
     """y = √x.   x̄ = ḡ / (2y).   [ops.sqrt]"""
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         self.y = backend.xp_of(x).sqrt(x)
         return self.y
 
-    def backward(self, g):
+    def backward(self, g: Array) -> Any:
         return g / (2 * self.y)
 
 
 class Tanh(Function):
     """y = tanh x.   x̄ = ḡ ⊙ (1 − y²).   [ops.tanh]"""
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         self.y = backend.xp_of(x).tanh(x)
         return self.y
 
-    def backward(self, g):
+    def backward(self, g: Array) -> Any:
         return g * (1 - self.y * self.y)
 
 
@@ -211,27 +222,29 @@ class Sigmoid(Function):
     Computed as ½(1 + tanh(x/2)), which never overflows.
     """
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         self.y = 0.5 * (1 + backend.xp_of(x).tanh(0.5 * x))
         return self.y
 
-    def backward(self, g):
+    def backward(self, g: Array) -> Any:
         return g * self.y * (1 - self.y)
 
 
 class Relu(Function):
     """y = max(x, 0).   x̄ = ḡ ⊙ 1[x > 0] (0 at the kink, as PyTorch).   [ops.relu]"""
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         self.mask = x > 0
-        return x * self.mask
+        # where, not x·mask: −∞·0 would be NaN and −3·0 would give −0.0
+        return backend.xp_of(x).where(self.mask, x, x.dtype.type(0))
 
-    def backward(self, g):
+    def backward(self, g: Array) -> Any:
         return g * self.mask
 
 
 _GELU_C = math.sqrt(2.0 / math.pi)
 _GELU_K = 0.044715
+_GELU_CLIP = 20.0  # u(±20) ≈ ±301: tanh is exactly ±1 there in float32 and float64
 
 
 class Gelu(Function):
@@ -241,25 +254,34 @@ class Gelu(Function):
     x̄ = ḡ ⊙ [½(1 + t) + ½x(1 − t²)·c(1 + 3k x²)]
     """
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
+        xp = backend.xp_of(x)
         self.x = x
-        self.t = backend.xp_of(x).tanh(_GELU_C * (x + _GELU_K * x * x * x))
+        # t depends on x only where tanh is not saturated; clipping keeps x³ from
+        # overflowing (then 1 − t² = 0 and the backward would compute 0·∞ = NaN)
+        xc = xp.clip(x, -_GELU_CLIP, _GELU_CLIP)
+        self.xc = xc
+        # t = tanh(c(x + k x³))
+        self.t = xp.tanh(_GELU_C * (xc + _GELU_K * xc * xc * xc))
+        # y = ½x(1 + t)
         return 0.5 * x * (1 + self.t)
 
-    def backward(self, g):
-        x, t = self.x, self.t
-        dudx = _GELU_C * (1 + 3 * _GELU_K * x * x)
+    def backward(self, g: Array) -> Any:
+        x, xc, t = self.x, self.xc, self.t
+        # du/dx = c(1 + 3k x²)
+        dudx = _GELU_C * (1 + 3 * _GELU_K * xc * xc)
+        # x̄ = ḡ ⊙ [½(1 + t) + ½x(1 − t²)·du/dx]
         return g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * dudx)
 
 
 class Cast(Function):
     """y = x as another dtype.   x̄ = ḡ cast back.   [ops.astype]"""
 
-    def forward(self, x, dtype):
+    def forward(self, x: Array, dtype: Any) -> Array:
         self.src = x.dtype
         return x.astype(dtype)
 
-    def backward(self, g):
+    def backward(self, g: Array) -> Any:
         return g.astype(self.src)
 
 
@@ -331,8 +353,13 @@ def gelu(x: Tensor) -> Tensor:
 
 
 def astype(x: Tensor, dtype: Any) -> Tensor:
-    """Differentiable cast to ``dtype``."""
-    return Cast.apply(x, dtype=np.dtype(dtype))
+    """Differentiable cast to a floating ``dtype``; a cast to an integer or boolean dtype
+    gives a constant (no gradient flows through a rounding)."""
+    x = as_tensor(x)
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f":
+        return Tensor(x.data.astype(dtype))
+    return Cast.apply(x, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------- matmul
@@ -342,13 +369,13 @@ class MatMul(Function):
     Ā = ḡ·Bᵀ,  B̄ = Aᵀ·ḡ  (each summed over the axes it was broadcast along).
     """
 
-    def forward(self, a, b):
+    def forward(self, a: Array, b: Array) -> Array:
         self.a = a if self.needs_input_grad[1] else None
         self.b = b if self.needs_input_grad[0] else None
         self.sa, self.sb = a.shape, b.shape
         return a @ b
 
-    def backward(self, g):
+    def backward(self, g: Array) -> Any:
         ga = gb = None
         if self.needs_input_grad[0]:
             ga = unbroadcast(g @ self.b.swapaxes(-1, -2), self.sa)
@@ -359,10 +386,11 @@ class MatMul(Function):
 
 def matmul(a: Any, b: Any) -> Tensor:
     """Matrix product with NumPy semantics (1-D operands are promoted and squeezed)."""
-    ta, tb = _coerce_inputs((a, b))
+    ta, tb = _float_peer(*_coerce_inputs((a, b)))
     _check_same_float("matmul", ta, tb)
     if ta.ndim == 0 or tb.ndim == 0:
         raise ValueError(f"matmul: operands must be at least 1-D, got {ta.shape} and {tb.shape}")
+    shape_a, shape_b = ta.shape, tb.shape
     squeeze_a, squeeze_b = ta.ndim == 1, tb.ndim == 1
     if squeeze_a:
         ta = reshape(ta, (1, ta.shape[0]))
@@ -370,14 +398,15 @@ def matmul(a: Any, b: Any) -> Tensor:
         tb = reshape(tb, (tb.shape[0], 1))
     if ta.shape[-1] != tb.shape[-2]:
         raise ValueError(
-            f"matmul: inner dimensions differ: a has {ta.shape[-1]} columns "
-            f"(shape {a.shape if hasattr(a, 'shape') else ()}), b has {tb.shape[-2]} rows"
+            f"matmul: inner dimensions differ: a has {ta.shape[-1]} columns, b has "
+            f"{tb.shape[-2]} rows (a has shape {shape_a}, b has shape {shape_b})"
         )
     try:
         np.broadcast_shapes(ta.shape[:-2], tb.shape[:-2])
     except ValueError:
         raise ValueError(
-            f"matmul: batch shapes {ta.shape[:-2]} and {tb.shape[:-2]} do not broadcast"
+            f"matmul: batch shapes {ta.shape[:-2]} of a and {tb.shape[:-2]} of b do not "
+            f"broadcast (a has shape {shape_a}, b has shape {shape_b})"
         ) from None
     y = MatMul.apply(ta, tb)
     if squeeze_a:
@@ -391,11 +420,11 @@ def matmul(a: Any, b: Any) -> Tensor:
 class Sum(Function):
     """y = Σ_axes x.   x̄ = ḡ broadcast back over the reduced axes.   [ops.sum]"""
 
-    def forward(self, x, axis, keepdims):
+    def forward(self, x: Array, axis: Any, keepdims: Any) -> Array:
         self.shape, self.axis, self.keepdims = x.shape, axis, keepdims
         return x.sum(axis=axis, keepdims=keepdims)
 
-    def backward(self, g):
+    def backward(self, g: Array) -> Any:
         g = _expand_reduced(g, self.shape, self.axis, self.keepdims)
         return backend.xp_of(g).broadcast_to(g, self.shape)
 
@@ -407,14 +436,15 @@ class Max(Function):
     whichever maximal entry one would pick.
     """
 
-    def forward(self, x, axis, keepdims):
+    def forward(self, x: Array, axis: Any, keepdims: Any) -> Array:
         self.shape, self.axis, self.keepdims = x.shape, axis, keepdims
         y = x.max(axis=axis, keepdims=True)
-        mask = x == y
+        mask = (x == y).astype(x.dtype)  # in x's dtype: bool/int would promote to float64
+        # w = 1[x = y] / (number of ties)
         self.w = mask / mask.sum(axis=axis, keepdims=True)
         return y if keepdims else y.reshape([n for i, n in enumerate(x.shape) if i not in axis])
 
-    def backward(self, g):
+    def backward(self, g: Array) -> Any:
         return _expand_reduced(g, self.shape, self.axis, self.keepdims) * self.w
 
 
@@ -424,7 +454,7 @@ class Var(Function):
     (The μ-dependence drops out because Σ(x − μ) = 0.)
     """
 
-    def forward(self, x, axis, keepdims, ddof):
+    def forward(self, x: Array, axis: Any, keepdims: Any, ddof: Any) -> Array:
         n = int(np.prod([x.shape[i] for i in axis])) if axis else 1
         if n - ddof <= 0:
             raise ValueError(f"ddof: {ddof} leaves no degrees of freedom for {n} elements")
@@ -433,7 +463,7 @@ class Var(Function):
         self.denom = n - ddof
         return (self.centered**2).sum(axis=axis, keepdims=keepdims) / self.denom
 
-    def backward(self, g):
+    def backward(self, g: Array) -> Any:
         g = _expand_reduced(g, self.shape, self.axis, self.keepdims)
         return g * (2.0 / self.denom) * self.centered
 
@@ -465,29 +495,31 @@ def max(x: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:
 def var(x: Tensor, axis: Any = None, keepdims: bool = False, ddof: int = 0) -> Tensor:
     """Variance over ``axis`` with ``ddof`` (NumPy's convention; 0 = population)."""
     x = as_tensor(x)
-    return Var.apply(x, axis=_normalize_axis(axis, x.ndim), keepdims=keepdims, ddof=ddof)
+    if not isinstance(ddof, int | np.integer) or ddof < 0:
+        raise ValueError(f"ddof: expected a non-negative integer, got {ddof!r}")
+    return Var.apply(x, axis=_normalize_axis(axis, x.ndim), keepdims=keepdims, ddof=int(ddof))
 
 
 # ---------------------------------------------------------------------------- shape
 class Reshape(Function):
     """y = x viewed with a new shape.   x̄ = ḡ reshaped back.   [ops.reshape]"""
 
-    def forward(self, x, shape):
+    def forward(self, x: Array, shape: Any) -> Array:
         self.shape = x.shape
         return x.reshape(shape)
 
-    def backward(self, g):
+    def backward(self, g: Array) -> Any:
         return g.reshape(self.shape)
 
 
 class Transpose(Function):
     """y = x with axes permuted by π.   x̄ = ḡ permuted by π⁻¹.   [ops.transpose]"""
 
-    def forward(self, x, axes):
+    def forward(self, x: Array, axes: Any) -> Array:
         self.inverse = None if axes is None else tuple(np.argsort(axes))
         return x.transpose(axes)
 
-    def backward(self, g):
+    def backward(self, g: Array) -> Any:
         return g.transpose(self.inverse)
 
 
@@ -497,11 +529,11 @@ class GetItem(Function):
     Repeated advanced indices accumulate (scatter-add), as the chain rule requires.
     """
 
-    def forward(self, x, index):
+    def forward(self, x: Array, index: Any) -> Array:
         self.shape, self.dtype, self.index = x.shape, x.dtype, index
         return x[index]
 
-    def backward(self, g):
+    def backward(self, g: Array) -> Any:
         out = backend.xp_of(g).zeros(self.shape, dtype=g.dtype)
         if _is_basic_index(self.index):
             out[self.index] = g  # a basic index selects every element at most once
@@ -518,12 +550,12 @@ def _is_basic_index(index: Any) -> bool:
 class Concat(Function):
     """y = [x₁, x₂, …] along an axis.   x̄ᵢ = the matching slice of ḡ.   [ops.concat]"""
 
-    def forward(self, *xs, axis):
+    def forward(self, *xs: Array, axis: Any) -> Array:
         self.axis = axis
         self.bounds = np.cumsum([0] + [x.shape[axis] for x in xs])
         return backend.xp_of(*xs).concatenate(xs, axis=axis)
 
-    def backward(self, g):
+    def backward(self, g: Array) -> Any:
         out = []
         for i, need in enumerate(self.needs_input_grad):
             if not need:
@@ -556,9 +588,12 @@ def transpose(x: Tensor, axes: Sequence[int] | None = None) -> Tensor:
     """Permute axes (None reverses them, as NumPy)."""
     x = as_tensor(x)
     if axes is not None:
-        axes = tuple(int(a) % builtins.max(x.ndim, 1) for a in axes)
+        given = tuple(axes)
+        if any(not -x.ndim <= int(a) < x.ndim for a in given):
+            raise ValueError(f"axes: {given} is out of range for a tensor with {x.ndim} dimensions")
+        axes = tuple(int(a) % x.ndim for a in given)
         if sorted(axes) != list(range(x.ndim)):
-            raise ValueError(f"axes: {axes} is not a permutation of the {x.ndim} axes")
+            raise ValueError(f"axes: {given} is not a permutation of the {x.ndim} axes")
     return Transpose.apply(x, axes=axes)
 
 
@@ -579,8 +614,14 @@ def concat(xs: Sequence[Tensor], axis: int = 0) -> Tensor:
     if not ts:
         raise ValueError("xs: expected at least one tensor")
     nd = ts[0].ndim
-    ax = axis % builtins.max(nd, 1)
+    if nd == 0 or not -nd <= axis < nd:
+        raise ValueError(f"axis: {axis} is out of range for tensors with {nd} dimensions")
+    ax = axis % nd
     for i, t in enumerate(ts):
+        if t.dtype != ts[0].dtype:
+            raise TypeError(
+                f"xs[{i}]: dtype {t.dtype} differs from xs[0]'s {ts[0].dtype} (cast with .astype)"
+            )
         if (
             t.ndim != nd
             or t.shape[:ax] + t.shape[ax + 1 :] != ts[0].shape[:ax] + ts[0].shape[ax + 1 :]
@@ -600,8 +641,10 @@ def stack(xs: Sequence[Tensor], axis: int = 0) -> Tensor:
         if t.shape != ts[0].shape:
             raise ValueError(f"xs[{i}]: shape {t.shape} differs from xs[0]'s {ts[0].shape}")
     nd = ts[0].ndim + 1
+    if not -nd <= axis < nd:
+        raise ValueError(f"axis: {axis} is out of range for stacking {nd - 1}-D tensors")
     ax = axis % nd
-    expanded = [reshape(t, t.shape[:ax] + (1,) + t.shape[ax:]) for t in ts]
+    expanded = [reshape(t, (*t.shape[:ax], 1, *t.shape[ax:])) for t in ts]  # (..., 1, ...)
     return concat(expanded, axis=ax)
 
 
@@ -609,11 +652,11 @@ def stack(xs: Sequence[Tensor], axis: int = 0) -> Tensor:
 class Where(Function):
     """y = cond ? a : b.   ā = ḡ ⊙ cond, b̄ = ḡ ⊙ ¬cond.   [ops.where]"""
 
-    def forward(self, a, b, cond):
+    def forward(self, a: Array, b: Array, cond: Array) -> Array:
         self.cond, self.sa, self.sb = cond, a.shape, b.shape
         return backend.xp_of(a, b).where(cond, a, b)
 
-    def backward(self, g):
+    def backward(self, g: Array) -> Any:
         xp = backend.xp_of(g)
         zero = xp.zeros((), dtype=g.dtype)
         ga = (
@@ -638,7 +681,7 @@ def _as_bool_mask(name: str, cond: Any) -> Any:
 def where(cond: Any, a: Any, b: Any) -> Tensor:
     """Select from ``a`` where ``cond`` is true, else from ``b`` (all broadcast)."""
     cond = _as_bool_mask("cond", cond)
-    ta, tb = _coerce_inputs((a, b))
+    ta, tb = _float_peer(*_coerce_inputs((a, b)))
     _check_same_float("where", ta, tb)
     try:
         np.broadcast_shapes(cond.shape, ta.shape, tb.shape)
@@ -667,11 +710,11 @@ def masked_fill(x: Tensor, mask: Any, value: float) -> Tensor:
 class Embedding(Function):
     """y = W[ids] (row gather).   W̄ = zeros, then W̄[ids] += ḡ (scatter-add).   [ops.embedding]"""
 
-    def forward(self, weight, ids):
+    def forward(self, weight: Array, ids: Array) -> Array:
         self.shape, self.ids = weight.shape, ids
         return weight[ids]
 
-    def backward(self, g):
+    def backward(self, g: Array) -> Any:
         out = backend.xp_of(g).zeros(self.shape, dtype=g.dtype)
         backend.scatter_add(out, self.ids.reshape(-1), g.reshape(-1, self.shape[-1]))
         return out
@@ -702,13 +745,13 @@ class Softmax(Function):
     x̄ = y ⊙ (ḡ − Σⱼ ḡⱼ yⱼ)  (the Jacobian diag(y) − y yᵀ applied to ḡ).
     """
 
-    def forward(self, x, axis):
+    def forward(self, x: Array, axis: Any) -> Array:
         xp = backend.xp_of(x)
         e = xp.exp(x - x.max(axis=axis, keepdims=True))
         self.y, self.axis = e / e.sum(axis=axis, keepdims=True), axis
         return self.y
 
-    def backward(self, g):
+    def backward(self, g: Array) -> Any:
         y = self.y
         return y * (g - (g * y).sum(axis=self.axis, keepdims=True))
 
@@ -719,14 +762,14 @@ class LogSoftmax(Function):
     x̄ = ḡ − softmax(x) ⊙ Σⱼ ḡⱼ.
     """
 
-    def forward(self, x, axis):
+    def forward(self, x: Array, axis: Any) -> Array:
         xp = backend.xp_of(x)
         shifted = x - x.max(axis=axis, keepdims=True)
         y = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
         self.y, self.axis = y, axis
         return y
 
-    def backward(self, g):
+    def backward(self, g: Array) -> Any:
         xp = backend.xp_of(g)
         return g - xp.exp(self.y) * g.sum(axis=self.axis, keepdims=True)
 
@@ -738,7 +781,7 @@ class CrossEntropy(Function):
     With every target ignored the mean is 0/0 = NaN, as in PyTorch.
     """
 
-    def forward(self, logits, targets, ignore_index):
+    def forward(self, logits: Array, targets: Array, ignore_index: Any) -> Array:
         xp = backend.xp_of(logits)
         c = logits.shape[-1]
         z = logits.reshape(-1, c)
@@ -751,11 +794,12 @@ class CrossEntropy(Function):
         n_valid = int(valid.sum())
         self.shape, self.valid, self.t, self.n = logits.shape, valid, safe_t, n_valid
         self.p = xp.exp(shifted - lse[:, None]) if self.needs_input_grad[0] else None
-        losses = (lse - picked) * valid
+        # where, not ·valid: an ignored row may hold −∞ logits, and ∞·0 = NaN
+        losses = xp.where(valid, lse - picked, 0)
         with np.errstate(invalid="ignore", divide="ignore"):
             return xp.asarray(losses.sum() / n_valid if n_valid else np.nan, dtype=logits.dtype)
 
-    def backward(self, g):
+    def backward(self, g: Array) -> Any:
         xp = backend.xp_of(g)
         d = self.p.copy()
         d[xp.arange(d.shape[0]), self.t] -= 1
@@ -763,16 +807,22 @@ class CrossEntropy(Function):
         return d.reshape(self.shape)
 
 
+def _single_axis(axis: Any, ndim: int) -> int:
+    if not isinstance(axis, int | np.integer):
+        raise TypeError(f"axis: expected one integer axis, got {axis!r}")
+    return _normalize_axis(axis, ndim)[0]
+
+
 def softmax(x: Tensor, axis: int = -1) -> Tensor:
     """Numerically stable softmax along ``axis``."""
     x = as_tensor(x)
-    return Softmax.apply(x, axis=_normalize_axis(axis, x.ndim)[0])
+    return Softmax.apply(x, axis=_single_axis(axis, x.ndim))
 
 
 def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
     """Numerically stable log-softmax along ``axis``."""
     x = as_tensor(x)
-    return LogSoftmax.apply(x, axis=_normalize_axis(axis, x.ndim)[0])
+    return LogSoftmax.apply(x, axis=_single_axis(axis, x.ndim))
 
 
 def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Tensor:
@@ -811,7 +861,7 @@ class LayerNorm(Function):
               x̄ = r · (ĝ − mean(ĝ) − x̂ ⊙ mean(ĝ ⊙ x̂))
     """
 
-    def forward(self, x, weight, bias, eps):
+    def forward(self, x: Array, weight: Array, bias: Array, eps: Any) -> Array:
         xp = backend.xp_of(x)
         mu = x.mean(axis=-1, keepdims=True)
         xc = x - mu
@@ -821,7 +871,7 @@ class LayerNorm(Function):
         self.weight = weight
         return self.xhat * weight + bias
 
-    def backward(self, g):
+    def backward(self, g: Array) -> Any:
         xhat = self.xhat
         lead = tuple(range(g.ndim - 1))
         gx = gw = gb = None
@@ -861,13 +911,13 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 class Dropout(Function):
     """y = x ⊙ m / (1 − p), m ~ Bernoulli(1 − p).   x̄ = ḡ ⊙ m / (1 − p).   [ops.dropout]"""
 
-    def forward(self, x, p, rng):
+    def forward(self, x: Array, p: Any, rng: Any) -> Array:
         xp = backend.xp_of(x)
         keep = rng.random(x.shape) >= p
         self.scale = xp.asarray(keep, dtype=x.dtype) * x.dtype.type(1.0 / (1.0 - p))
         return x * self.scale
 
-    def backward(self, g):
+    def backward(self, g: Array) -> Any:
         return g * self.scale
 
 

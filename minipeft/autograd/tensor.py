@@ -156,7 +156,7 @@ class Tensor:
                 raise ValueError(f"grad: required for a non-scalar output of shape {self.shape}")
             grad = backend.xp_of(self.data).ones_like(self.data)
         else:
-            grad = grad.data if isinstance(grad, Tensor) else _as_array(grad, self.dtype)
+            grad = _as_array(grad.data if isinstance(grad, Tensor) else grad, self.dtype)
             if tuple(grad.shape) != self.shape:
                 raise ValueError(f"grad: expected shape {self.shape}, got {tuple(grad.shape)}")
 
@@ -173,11 +173,6 @@ class Tensor:
                 else:
                     node.grad += g
                 continue
-            if fn.parents is None:
-                raise RuntimeError(
-                    "backward: this graph was already used by a backward pass; "
-                    "run the forward again"
-                )
             in_grads = fn.backward(g)
             if not isinstance(in_grads, tuple):
                 in_grads = (in_grads,)
@@ -191,6 +186,14 @@ class Tensor:
                     continue
                 if pg is None:
                     raise RuntimeError(f"{type(fn).__name__}.backward gave no gradient")
+                if tuple(pg.shape) != parent.shape or pg.dtype != parent.dtype:
+                    # a VJP must return x̄ with x's shape and dtype (catches broadcast and
+                    # dtype-promotion bugs at the op that made them)
+                    raise RuntimeError(
+                        f"{type(fn).__name__}.backward returned a gradient of shape "
+                        f"{tuple(pg.shape)} and dtype {pg.dtype} for an input of shape "
+                        f"{parent.shape} and dtype {parent.dtype}"
+                    )
                 key = id(parent)
                 if key in grads:
                     grads[key] = grads[key] + pg
@@ -345,11 +348,23 @@ def tensor(data: Any, requires_grad: bool = False, dtype: Any = None) -> Tensor:
 
 
 def as_tensor(x: Any, like: Tensor | None = None) -> Tensor:
-    """``x`` itself if it is a Tensor, else a constant Tensor (dtype of ``like`` for scalars)."""
+    """``x`` itself if it is a Tensor, else a constant Tensor.
+
+    Beside a floating ``like``, a constant without a floating dtype of its own (a number,
+    a list, an integer or boolean array) is cast to ``like.dtype``.
+    """
     if isinstance(x, Tensor):
         return x
-    if like is not None and np.isscalar(x):
-        return Tensor(backend.xp_of(like.data).asarray(x, dtype=like.dtype))
+    if like is not None and like.dtype.kind == "f":
+        # A constant beside a floating tensor takes that tensor's dtype when it carries no
+        # floating dtype of its own (Python numbers and lists, NumPy scalars, integer or
+        # boolean arrays): float32 + int64 would otherwise silently promote to float64.
+        # A typed floating array keeps its dtype, so a float32/float64 mix still raises.
+        typed_float = getattr(x, "ndim", 0) > 0 and getattr(x, "dtype", None) is not None
+        typed_float = typed_float and np.dtype(x.dtype).kind == "f"
+        if not typed_float:
+            arr = _as_array(x)
+            return Tensor(backend.xp_of(like.data).asarray(arr, dtype=like.dtype))
     return Tensor(x)
 
 
@@ -368,6 +383,11 @@ def _topological_order(root: Tensor) -> list[Tensor]:
         visited.add(id(node))
         stack.append((node, True))
         if node._ctx is not None:
+            if node._ctx.parents is None:  # released by an earlier backward
+                raise RuntimeError(
+                    "backward: this graph was already used by a backward pass (its saved "
+                    "arrays were freed); run the forward again"
+                )
             for parent in node._ctx.parents:
                 if parent.requires_grad and id(parent) not in visited:
                     stack.append((parent, False))
@@ -391,9 +411,10 @@ class Function:
     def apply(cls, *inputs: Any, **params: Any) -> Tensor:
         tensors = _coerce_inputs(inputs)
         fn = cls()
-        fn.needs_input_grad = tuple(t.requires_grad for t in tensors)
+        # Under no_grad nothing needs a gradient, so forward saves nothing for backward.
+        fn.needs_input_grad = tuple(_GRAD_ENABLED and t.requires_grad for t in tensors)
         out = fn.forward(*(t.data for t in tensors), **params)
-        record = _GRAD_ENABLED and any(fn.needs_input_grad)
+        record = any(fn.needs_input_grad)
         result = Tensor.__new__(Tensor)
         result.data = out
         result.grad = None
