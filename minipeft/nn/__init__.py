@@ -7,3 +7,16 @@ __all__ = [
     "MLP", "Dropout", "Embedding", "LayerNorm", "Linear", "Module", "ModuleList", "Parameter",
     "kaiming_uniform",
 ]  # fmt: skip
+
+from .attention import (  # H2: attention exports
+    MultiHeadAttention,
+    attention_reference,
+    merge_heads,
+    scaled_dot_product_attention,
+    split_heads,
+)
+
+__all__ += [
+    "MultiHeadAttention", "attention_reference", "merge_heads", "scaled_dot_product_attention",
+    "split_heads",
+]  # fmt: skip
