@@ -1,0 +1,401 @@
+"""AdaLoRA: SVD-parametrized adaptation with importance-driven rank allocation.
+
+Zhang et al., "Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning" (ICLR 2023),
+following Hugging Face PEFT's implementation (``peft.tuners.adalora``) in every convention
+that changes a number, so that budgets, scores, masks and rank patterns agree with it
+(derivations/adalora.md):
+
+- ΔW = P·Λ·Q with PEFT's names: ``lora_A`` = Q (r, in) (right singular vectors, rows),
+  ``lora_E`` = Λ as a column (r, 1), ``lora_B`` = P (out, r). The update is
+  h = W₀x + c·P·(Λ ⊙ Q·x) with c = lora_alpha / (ranknum + 10⁻⁵), ranknum = the initial
+  rank (it is not changed by masking). Λ starts at 0; P, Q ~ N(0, 0.02²).
+- The orthogonal regularizer is PEFT's: the mean over all P and Q matrices of the
+  *unsquared* Frobenius norms ‖QQᵀ − I‖_F and ‖PᵀP − I‖_F (the paper writes squared norms
+  and sums them; the two differ in scale and gradient, see the derivation).
+- Importance: I = |θ ⊙ ∂L/∂θ| for every entry of P, Λ, Q; Ī ← β₁Ī + (1−β₁)I;
+  Ū ← β₂Ū + (1−β₂)|I − Ī| (with the updated Ī); score s = Ī ⊙ Ū. The triplet score of
+  singular value i is s(Λᵢ) + mean_j s(Q_ij) + mean_j s(P_ji).
+- Budget: b(t) = b₀ during warm-up (t ≤ t_init), the cubic
+  b(t) = ⌊(b₀ − b_T)(1 − (t − t_init)/(T − t_final − t_init))³ + b_T⌋ in between (masking
+  every ΔT steps), b_T = target_r · (number of adapted matrices) afterwards.
+- Masking: the k = b₀ − b(t) smallest triplet scores (all scores ≤ the k-th smallest)
+  set their Λᵢ to 0; they stay trainable and may recover at the next allocation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import backend
+from ..autograd import ops
+from ..autograd.tensor import Function, Tensor
+from ..backend import Array
+from ..nn.module import Module, Parameter
+
+__all__ = [
+    "AdaLoraConfig",
+    "RankAllocator",
+    "SVDLinear",
+    "budget_schedule",
+    "orthogonal_penalty",
+    "svd_delta",
+    "triplet_scores",
+]
+
+_EPS_RANKNUM = 1e-5  # PEFT adds this to ranknum in the scaling
+
+
+@dataclass
+class AdaLoraConfig:
+    """AdaLoRA hyperparameters (names and defaults as HF PEFT's ``AdaLoraConfig``)."""
+
+    target_r: int = 8
+    init_r: int = 12
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1  # PEFT's (camel-case) name, kept so configs port unchanged
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    total_step: int | None = None
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    rank_pattern: dict[str, list[bool]] | None = None
+    fan_in_fan_out: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("target_r", "init_r"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        if self.target_r > self.init_r:
+            raise ValueError(
+                f"target_r: the target rank {self.target_r} exceeds the initial rank "
+                f"init_r={self.init_r}; AdaLoRA can only prune"
+            )
+        if not isinstance(self.deltaT, int) or self.deltaT < 1:
+            raise ValueError(f"deltaT: expected a positive number of steps, got {self.deltaT!r}")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            if not 0.0 < v < 1.0:
+                raise ValueError(f"{name}: expected 0 < {name} < 1, got {v!r}")
+        if self.orth_reg_weight < 0:
+            raise ValueError(f"orth_reg_weight: expected ≥ 0, got {self.orth_reg_weight!r}")
+        if self.tinit < 0 or self.tfinal < 0:
+            raise ValueError(f"tinit/tfinal: expected ≥ 0, got {self.tinit}, {self.tfinal}")
+        if self.total_step is None or self.total_step <= 0:
+            raise ValueError(f"total_step: expected a positive step count, got {self.total_step!r}")
+        if self.tinit >= self.total_step - self.tfinal:
+            raise ValueError(
+                f"total_step: {self.total_step} steps leave no budgeting phase after the "
+                f"warm-up tinit={self.tinit} and before the final phase tfinal={self.tfinal} "
+                f"(need total_step > tinit + tfinal)"
+            )
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout: expected 0 ≤ p < 1, got {self.lora_dropout!r}")
+
+
+# ---------------------------------------------------------------------------- the SVD update
+class SVDDelta(Function):
+    """y = c·((x·Qᵀ) ⊙ λᵀ)·Pᵀ and its closed-form VJP.   [adalora.grad]
+
+    Shapes: x (N, in), Q = ``lora_A`` (r, in), λ = ``lora_E`` (r, 1), P = ``lora_B`` (out, r).
+    With u = x·Qᵀ, v = u ⊙ λᵀ and upstream G = ∂L/∂y (N, out):
+
+        ∂L/∂P = c·Gᵀ·v          ∂L/∂v = c·G·P
+        ∂L/∂λ = Σₙ (∂L/∂v ⊙ u)ᵀ  ∂L/∂u = ∂L/∂v ⊙ λᵀ
+        ∂L/∂Q = (∂L/∂u)ᵀ·x      ∂L/∂x = ∂L/∂u·Q
+    """
+
+    def forward(self, x: Array, q: Array, lam: Array, p: Array, c: float) -> Array:
+        u = x @ q.T  # (N, r)
+        v = u * lam.T  # (N, r)
+        self.x, self.q, self.lam, self.p, self.u, self.v, self.c = x, q, lam, p, u, v, c
+        return c * (v @ p.T)  # (N, out)
+
+    def backward(self, g: Array) -> tuple[Array | None, ...]:
+        need_x, need_q, need_lam, need_p = self.needs_input_grad
+        gp = self.c * (g.T @ self.v) if need_p else None  # (out, r)
+        gv = self.c * (g @ self.p)  # (N, r)
+        glam = (gv * self.u).sum(axis=0)[:, None] if need_lam else None  # (r, 1)
+        gu = gv * self.lam.T  # (N, r)
+        gq = gu.T @ self.x if need_q else None  # (r, in)
+        gx = gu @ self.q if need_x else None  # (N, in)
+        return gx, gq, glam, gp
+
+
+def svd_delta(x: Tensor, lora_A: Tensor, lora_E: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """AdaLoRA's low-rank update c·P·Λ·Q applied to x (..., in) → (..., out).   [adalora.forward]
+
+    h_delta = scaling · x·(Q ⊙ λ)ᵀ·Pᵀ, i.e. PEFT's ``x @ (lora_A * lora_E).T @ lora_B.T * c``.
+    """
+    r, d_in = lora_A.shape
+    if x.shape[-1] != d_in:
+        raise ValueError(
+            f"x: expected last dimension {d_in} (lora_A is {lora_A.shape}), got {x.shape}"
+        )
+    if lora_E.shape != (r, 1):
+        raise ValueError(f"lora_E: expected shape ({r}, 1), got {lora_E.shape}")
+    if lora_B.ndim != 2 or lora_B.shape[1] != r:
+        raise ValueError(f"lora_B: expected shape (out, {r}), got {lora_B.shape}")
+    lead = x.shape[:-1]
+    flat = ops.reshape(x, (-1, d_in))  # (N, in)
+    y = SVDDelta.apply(flat, lora_A, lora_E, lora_B, c=float(scaling))  # (N, out)
+    return ops.reshape(y, (*lead, lora_B.shape[0]))
+
+
+class OrthPenalty(Function):
+    """‖M‖_F with M = QQᵀ − I (for Q) or PᵀP − I (for P), and its gradient.   [adalora.orth_grad]
+
+    d‖M‖_F = ⟨M, dM⟩/‖M‖_F and M is symmetric, so
+        for Q (r, in):  ∂‖QQᵀ − I‖_F/∂Q = 2·M·Q / ‖M‖_F
+        for P (out, r): ∂‖PᵀP − I‖_F/∂P = 2·P·M / ‖M‖_F
+    (undefined at M = 0, where we return 0 — the subgradient of smallest norm).
+    """
+
+    def forward(self, w: Array, rows: bool) -> Array:
+        xp = backend.xp_of(w)
+        gram = w @ w.T if rows else w.T @ w
+        m = gram - xp.eye(gram.shape[0], dtype=w.dtype)
+        norm = xp.sqrt((m * m).sum())
+        self.w, self.m, self.norm, self.rows = w, m, norm, rows
+        return norm
+
+    def backward(self, g: Array) -> Array:
+        if float(self.norm) == 0.0:
+            return backend.xp_of(self.w).zeros_like(self.w)
+        core = self.m @ self.w if self.rows else self.w @ self.m
+        return g * 2.0 * core / self.norm
+
+
+def orthogonal_penalty(lora_As: Iterable[Tensor], lora_Bs: Iterable[Tensor]) -> Tensor:
+    """PEFT's regularizer R = (1/n)·(Σ ‖QQᵀ − I‖_F + Σ ‖PᵀP − I‖_F).   [adalora.orth_reg]
+
+    ``lora_As`` are the Q matrices (r, in), ``lora_Bs`` the P matrices (out, r); n is the
+    number of matrices. Unsquared norms, as HF PEFT (the paper writes squared norms).
+    """
+    terms = [OrthPenalty.apply(a, rows=True) for a in lora_As]
+    terms += [OrthPenalty.apply(b, rows=False) for b in lora_Bs]
+    if not terms:
+        raise ValueError("lora_As/lora_Bs: expected at least one matrix")
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total * (1.0 / len(terms))
+
+
+# ---------------------------------------------------------------------------- the layer
+class SVDLinear(Module):
+    """A frozen base layer plus AdaLoRA's update: h = base(x) + c·P·Λ·Q·x.
+
+    ``base`` is a Linear (weight (out, in)) or, with ``fan_in_fan_out``, a GPT-2 Conv1D
+    (weight (in, out)); its parameters are frozen. Parameter names match PEFT's
+    (``lora_A``, ``lora_E``, ``lora_B``) so adapter files port unchanged.
+    """
+
+    def __init__(
+        self, base: Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+        fan_in_fan_out: bool = False,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        w = base.weight
+        out_f, in_f = (w.shape[1], w.shape[0]) if fan_in_fan_out else w.shape
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"r: expected a positive integer, got {r!r}")
+        self.base = base
+        base.requires_grad_(False)
+        self.in_features, self.out_features, self.r = in_f, out_f, r
+        self.lora_alpha = float(lora_alpha)
+        self.ranknum = float(r)  # fixed at the initial rank, as in PEFT (not saved)
+        self.lora_dropout = float(lora_dropout)
+        dt = backend.default_dtype()
+        gen = backend.rng()
+        self.lora_A = Parameter(gen.normal(0.0, 0.02, (r, in_f)).astype(dt))  # Q (r, in)
+        self.lora_E = Parameter(np.zeros((r, 1), dtype=dt))  # Λ (r, 1), starts at 0
+        self.lora_B = Parameter(gen.normal(0.0, 0.02, (out_f, r)).astype(dt))  # P (out, r)
+        self.disabled = False
+
+    @property
+    def scaling(self) -> float:
+        """c = lora_alpha / (ranknum + 10⁻⁵) — PEFT's scaling (lora_alpha > 0)."""
+        return (self.lora_alpha if self.lora_alpha > 0 else self.ranknum) / (
+            self.ranknum + _EPS_RANKNUM
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.base(x)
+        if self.disabled:
+            return h
+        xd = ops.dropout(x, self.lora_dropout, self.training)
+        return h + svd_delta(xd, self.lora_A, self.lora_E, self.lora_B, self.scaling)
+
+    def delta_weight(self) -> np.ndarray:
+        """ΔW = c·P·(Λ ⊙ Q) in the base's layout ((out, in), or (in, out) for Conv1D)."""
+        d = self.scaling * (self.lora_B.data @ (self.lora_A.data * self.lora_E.data))
+        return d.T if self.base.weight.shape != d.shape else d
+
+    def effective_rank(self) -> int:
+        """Number of singular values Λᵢ that are not masked to zero."""
+        return int(np.count_nonzero(self.lora_E.data))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}"
+
+
+# ---------------------------------------------------------------------------- allocation
+def budget_schedule(
+    step: int, config: AdaLoraConfig, init_budget: int, target_budget: int
+) -> tuple[int, bool]:
+    """The rank budget b(t) and whether to mask at step t (cubic schedule).   [adalora.budget]
+
+    b(t) = b₀ for t ≤ t_init (no masking);
+    b(t) = b_T for t > T − t_final (always mask);
+    else  b(t) = ⌊(b₀ − b_T)·(1 − (t − t_init)/(T − t_final − t_init))³ + b_T⌋,
+          masking when t is a multiple of ΔT.
+    """
+    tinit, tfinal, total = config.tinit, config.tfinal, config.total_step
+    if step <= tinit:
+        return init_budget, False
+    if step > total - tfinal:
+        return target_budget, True
+    mul = 1 - (step - tinit) / (total - tfinal - tinit)
+    return int((init_budget - target_budget) * (mul**3) + target_budget), step % config.deltaT == 0
+
+
+def triplet_scores(score_A: np.ndarray, score_E: np.ndarray, score_B: np.ndarray) -> np.ndarray:
+    """S_i = s(Λᵢ) + mean_j s(Q_ij) + mean_j s(P_ji) for one matrix.   [adalora.triplet]
+
+    score_A (r, in), score_E (r, 1), score_B (out, r) → (r,).
+    """
+    return score_E.reshape(-1) + (score_A.mean(axis=1) + score_B.mean(axis=0))
+
+
+@dataclass
+class _Smoothed:
+    ipt: np.ndarray
+    exp_avg_ipt: np.ndarray
+    exp_avg_unc: np.ndarray
+
+
+class RankAllocator:
+    """AdaLoRA's importance-driven budget allocation, in NumPy.
+
+    ``layers`` maps a module name to its SVDLinear. Call ``update_and_allocate(step)``
+    after ``backward`` and the optimizer step, before clearing gradients (PEFT's order).
+    """
+
+    def __init__(self, layers: Mapping[str, SVDLinear], config: AdaLoraConfig) -> None:
+        if not layers:
+            raise ValueError("layers: expected at least one SVDLinear to allocate ranks over")
+        self.config = config
+        self.layers = dict(sorted(layers.items()))
+        self.init_budget = sum(layer.r for layer in self.layers.values())
+        self.target_budget = config.target_r * len(self.layers)
+        self.rank_pattern: dict[str, list[bool]] | None = None
+        self.reset_ipt()
+
+    def reset_ipt(self) -> None:
+        self.state: dict[str, _Smoothed] = {}
+
+    def _named(self) -> list[tuple[str, Parameter]]:
+        out = []
+        for name, layer in self.layers.items():
+            for pname in ("lora_A", "lora_E", "lora_B"):
+                out.append((f"{name}.{pname}", getattr(layer, pname)))
+        return out
+
+    def update_ipt(self) -> None:
+        """Sensitivity I = |θ ⊙ ∇θ|, then the EMAs Ī and Ū.   [adalora.importance]
+
+        Ī ← β₁·Ī + (1 − β₁)·I;   Ū ← β₂·Ū + (1 − β₂)·|I − Ī|   (Ī already updated).
+        """
+        b1, b2 = self.config.beta1, self.config.beta2
+        for n, p in self._named():
+            if p.grad is None:
+                raise ValueError(f"{n}: has no gradient; call update_and_allocate after backward")
+            st = self.state.get(n)
+            if st is None:
+                z = np.zeros_like(p.data)
+                st = self.state[n] = _Smoothed(z, z.copy(), z.copy())
+            st.ipt = np.abs(p.data * p.grad)
+            st.exp_avg_ipt = b1 * st.exp_avg_ipt + (1 - b1) * st.ipt
+            st.exp_avg_unc = b2 * st.exp_avg_unc + (1 - b2) * np.abs(st.ipt - st.exp_avg_ipt)
+
+    def element_score(self, param_name: str) -> np.ndarray:
+        """s = Ī ⊙ Ū for one parameter."""
+        st = self.state[param_name]
+        return st.exp_avg_ipt * st.exp_avg_unc
+
+    def scores(self) -> dict[str, np.ndarray]:
+        """Triplet scores (r,) for every adapted matrix."""
+        return {
+            name: triplet_scores(
+                self.element_score(f"{name}.lora_A"),
+                self.element_score(f"{name}.lora_E"),
+                self.element_score(f"{name}.lora_B"),
+            )
+            for name in self.layers
+        }
+
+    def mask_to_budget(self, budget: int) -> dict[str, list[bool]]:
+        """Zero the Λᵢ of the b₀ − b lowest triplets (ties at the threshold included)."""
+        scores = self.scores()
+        k = self.init_budget - budget
+        if k < 1:
+            raise ValueError(
+                f"budget: {budget} leaves nothing to mask (initial budget {self.init_budget})"
+            )
+        allv = np.concatenate(list(scores.values()))
+        threshold = np.partition(allv, k - 1)[k - 1]  # the k-th smallest (torch.kthvalue)
+        pattern = {}
+        for name, s in scores.items():
+            drop = s <= threshold
+            self.layers[name].lora_E.data[drop, 0] = 0.0
+            pattern[name] = (~drop).tolist()
+        return pattern
+
+    def mask_using_rank_pattern(self, pattern: Mapping[str, list[bool]]) -> None:
+        for name, keep in pattern.items():
+            self.layers[name].lora_E.data[~np.asarray(keep, dtype=bool), 0] = 0.0
+
+    def update_and_allocate(self, step: int) -> tuple[int | None, dict[str, list[bool]] | None]:
+        """One allocation step with PEFT's phases; returns (budget, new rank pattern or None)."""
+        cfg = self.config
+        final_start = cfg.total_step - cfg.tfinal
+        if step < final_start:
+            self.update_ipt()
+            budget, mask = budget_schedule(step, cfg, self.init_budget, self.target_budget)
+            if mask:
+                self.rank_pattern = self.mask_to_budget(budget)
+                return budget, self.rank_pattern
+            return budget, None
+        if step == final_start:
+            self.rank_pattern = self.mask_to_budget(self.target_budget)
+            self.reset_ipt()
+            return self.target_budget, self.rank_pattern
+        if self.rank_pattern is not None:
+            self.mask_using_rank_pattern(self.rank_pattern)
+        return self.target_budget, None
+
+
+def simplified_importance(layer: SVDLinear) -> np.ndarray:
+    """The lecture's simplified score |λᵢ|·|∂L/∂λᵢ| (a labelled comparison, not AdaLoRA)."""
+    if layer.lora_E.grad is None:
+        raise ValueError("layer: lora_E has no gradient yet")
+    return np.abs(layer.lora_E.data[:, 0] * layer.lora_E.grad[:, 0])
+
+
+def prune_to_rank_pattern(layer: SVDLinear, keep: list[bool]) -> dict[str, np.ndarray]:
+    """The adapter tensors restricted to the kept triplets (PEFT's saved format)."""
+    idx = np.asarray(keep, dtype=bool)
+    if idx.shape != (layer.r,):
+        raise ValueError(f"keep: expected {layer.r} booleans, got {idx.shape}")
+    return {
+        "lora_A": layer.lora_A.data[idx],
+        "lora_E": layer.lora_E.data[idx],
+        "lora_B": layer.lora_B.data[:, idx],
+    }

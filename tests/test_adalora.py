@@ -1,0 +1,219 @@
+"""AdaLoRA: the SVD update, PEFT's regularizer, the schedule, and equivalence with HF PEFT."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import minipeft
+from minipeft.autograd import Tensor, gradcheck, matmul, transpose
+from minipeft.nn import Linear
+from minipeft.peft.adalora import (
+    AdaLoraConfig,
+    RankAllocator,
+    SVDLinear,
+    budget_schedule,
+    orthogonal_penalty,
+    prune_to_rank_pattern,
+    svd_delta,
+    triplet_scores,
+)
+
+
+def _cfg(**kw):
+    base = dict(target_r=2, init_r=4, tinit=3, tfinal=4, deltaT=2, total_step=20)
+    base.update(kw)
+    return AdaLoraConfig(**base)
+
+
+@given(
+    n=st.integers(1, 5), d_in=st.integers(1, 6), d_out=st.integers(1, 6), r=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)  # fmt: skip
+def test_svd_delta_gradients_match_finite_differences(n, d_in, d_out, r, seed):
+    rng = np.random.default_rng(seed)
+    arrays = [rng.standard_normal(s) for s in [(n, d_in), (r, d_in), (r, 1), (d_out, r)]]
+    res = gradcheck(lambda x, a, e, b: svd_delta(x, a, e, b, 0.7), arrays)
+    assert res.max_rel_error < 1e-6, res
+
+
+def test_svd_delta_equals_peft_formula_and_composition():
+    rng = np.random.default_rng(0)
+    x, a, e, b = (rng.standard_normal(s) for s in [(2, 3, 5), (4, 5), (4, 1), (6, 4)])
+    y = svd_delta(Tensor(x), Tensor(a), Tensor(e), Tensor(b), 1.5).data
+    np.testing.assert_allclose(y, x @ (a * e).T @ b.T * 1.5, rtol=1e-13)
+    # the same gradient as the composition of primitive ops
+    ts = [Tensor(v, requires_grad=True) for v in (x, a, e, b)]
+    svd_delta(*ts, 1.5).sum().backward()
+    ts2 = [Tensor(v, requires_grad=True) for v in (x, a, e, b)]
+    ref = matmul(matmul(ts2[0], transpose(ts2[1] * ts2[2], (1, 0))), transpose(ts2[3], (1, 0)))
+    (ref * 1.5).sum().backward()
+    for t, t2 in zip(ts, ts2):
+        np.testing.assert_allclose(t.grad, t2.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_frozen_inputs_get_no_gradient():
+    minipeft.seed(0)
+    with minipeft.dtype_policy("float64"):
+        layer = SVDLinear(Linear(5, 3), r=4, lora_alpha=8)
+    x = Tensor(np.random.default_rng(1).standard_normal((2, 5)))
+    layer(x).sum().backward()
+    assert layer.base.weight.grad is None and layer.base.bias.grad is None
+    assert x.grad is None
+    for p in (layer.lora_A, layer.lora_E, layer.lora_B):
+        assert p.grad is not None
+
+
+def test_lambda_starts_at_zero_so_the_update_is_zero():
+    with minipeft.dtype_policy("float64"):
+        layer = SVDLinear(Linear(5, 3), r=4, lora_alpha=8)
+    x = Tensor(np.random.default_rng(1).standard_normal((2, 5)))
+    np.testing.assert_array_equal(layer(x).data, layer.base(x).data)
+    assert np.all(layer.delta_weight() == 0)
+
+
+@given(r=st.integers(1, 5), d=st.integers(1, 7), seed=st.integers(0, 2**16))
+def test_orthogonal_penalty_gradient(r, d, seed):
+    rng = np.random.default_rng(seed)
+    a, b = rng.standard_normal((r, d)), rng.standard_normal((d, r))
+    res = gradcheck(lambda a, b: orthogonal_penalty([a], [b]), [a, b])
+    assert res.max_rel_error < 1e-6, res
+    # value: PEFT's mean of unsquared Frobenius norms
+    want = (np.linalg.norm(a @ a.T - np.eye(r)) + np.linalg.norm(b.T @ b - np.eye(r))) / 2
+    assert orthogonal_penalty([Tensor(a)], [Tensor(b)]).item() == pytest.approx(want, rel=1e-12)
+
+
+def test_orthogonal_penalty_is_zero_on_orthonormal_factors():
+    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((6, 3)))
+    assert orthogonal_penalty([Tensor(q.T)], [Tensor(q)]).item() < 1e-14
+
+
+def test_budget_schedule_phases():
+    cfg = _cfg(tinit=3, tfinal=4, total_step=20, deltaT=2)
+    b0, bt = 12, 6
+    assert budget_schedule(3, cfg, b0, bt) == (12, False)  # warm-up
+    assert budget_schedule(17, cfg, b0, bt) == (6, True)  # final phase
+    # cubic in between: t = 10 → mul = 1 − 7/13
+    want = int((b0 - bt) * (1 - 7 / 13) ** 3 + bt)
+    assert budget_schedule(10, cfg, b0, bt) == (want, True)
+    assert budget_schedule(11, cfg, b0, bt)[1] is False
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        (dict(target_r=8, init_r=4), "target_r"),
+        (dict(total_step=7, tinit=3, tfinal=4), "total_step"),
+        (dict(deltaT=0), "deltaT"),
+        (dict(beta1=1.0), "beta1"),
+        (dict(total_step=None), "total_step"),
+    ],
+)
+def test_bad_config_is_a_clear_error(kw, match):
+    with pytest.raises(ValueError, match=match):
+        _cfg(**kw)
+
+
+def test_triplet_score_definition():
+    sa = np.arange(6.0).reshape(2, 3)
+    se = np.array([[10.0], [20.0]])
+    sb = np.arange(8.0).reshape(4, 2)
+    np.testing.assert_allclose(triplet_scores(sa, se, sb), [10 + 1 + 3, 20 + 4 + 4])
+
+
+def test_prune_to_rank_pattern_keeps_the_update():
+    with minipeft.dtype_policy("float64"):
+        layer = SVDLinear(Linear(5, 3), r=4, lora_alpha=8)
+    layer.lora_E.data[:] = [[1.0], [0.0], [2.0], [0.0]]
+    kept = prune_to_rank_pattern(layer, [True, False, True, False])
+    assert kept["lora_A"].shape == (2, 5) and kept["lora_B"].shape == (3, 2)
+    full = layer.lora_B.data @ (layer.lora_A.data * layer.lora_E.data)
+    np.testing.assert_allclose(kept["lora_B"] @ (kept["lora_A"] * kept["lora_E"]), full)
+
+
+# ---------------------------------------------------------------------------- HF PEFT
+def test_rank_allocation_equals_hf_peft():
+    """Same parameters and gradients, many steps: budgets, scores, masks, rank patterns agree."""
+    torch = pytest.importorskip("torch", reason="torch is needed to run HF PEFT's allocator")
+    peft = pytest.importorskip("peft", reason="peft is needed for the equivalence test")
+
+    total, tinit, tfinal, delta_t = 30, 4, 6, 3
+    init_r, target_r = 5, 2
+    dims = {"fc1": (7, 6), "fc2": (6, 4), "fc3": (4, 5)}  # name: (in, out)
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name, (i, o) in dims.items():
+                setattr(self, name, torch.nn.Linear(i, o))
+
+    torch.manual_seed(0)
+    hf_cfg = peft.AdaLoraConfig(
+        target_modules=list(dims), init_r=init_r, target_r=target_r, tinit=tinit,
+        tfinal=tfinal, deltaT=delta_t, total_step=total, lora_alpha=8,
+    )  # fmt: skip
+    hf = peft.get_peft_model(Tiny().double(), hf_cfg)
+    mp_cfg = AdaLoraConfig(
+        init_r=init_r, target_r=target_r, tinit=tinit, tfinal=tfinal, deltaT=delta_t,
+        total_step=total, lora_alpha=8,
+    )  # fmt: skip
+    layers = {}
+    with minipeft.dtype_policy("float64"):
+        for name, (i, o) in dims.items():
+            layers[name] = SVDLinear(Linear(i, o), r=init_r, lora_alpha=8)
+    hf_params = dict(hf.named_parameters())
+
+    def hf_param(name, kind):
+        return hf_params[f"base_model.model.{name}.{kind}.default"]
+
+    rng = np.random.default_rng(1)
+    for name, layer in layers.items():  # identical starting values, Λ non-zero to be ranked
+        for kind in ("lora_A", "lora_E", "lora_B"):
+            val = rng.standard_normal(getattr(layer, kind).shape)
+            getattr(layer, kind).data[...] = val
+            with torch.no_grad():
+                hf_param(name, kind).copy_(torch.from_numpy(val))
+    alloc = RankAllocator(layers, mp_cfg)
+    hf_alloc = hf.base_model.rankallocator
+    assert alloc.init_budget == hf_alloc.init_bgt and alloc.target_budget == hf_alloc.target_bgt
+
+    n_masked_steps = n_pattern_checks = 0
+    for step in range(total + 3):
+        for name, layer in layers.items():  # the same gradients on both sides
+            for kind in ("lora_A", "lora_E", "lora_B"):
+                g = rng.standard_normal(getattr(layer, kind).shape)
+                getattr(layer, kind).grad = g
+                hf_param(name, kind).grad = torch.from_numpy(g.copy())
+        _, pattern = alloc.update_and_allocate(step)
+        hf.base_model.update_and_allocate(step)
+        n_masked_steps += pattern is not None
+        if step < total - tfinal:  # scores exist during the budgeting phases
+            for name in layers:
+                for kind in ("lora_A", "lora_E", "lora_B"):
+                    key = f"{name}.{kind}.default"  # HF's allocator sees the inner model
+                    np.testing.assert_allclose(
+                        alloc.element_score(f"{name}.{kind}"),
+                        hf_alloc._element_score(key).numpy(), rtol=1e-12, atol=1e-300,
+                    )  # fmt: skip
+        for name, layer in layers.items():
+            np.testing.assert_array_equal(
+                layer.lora_E.data, hf_param(name, "lora_E").detach().numpy()
+            )
+        hf_rank_pattern = hf.peft_config["default"].rank_pattern
+        assert (hf_rank_pattern is None) == (alloc.rank_pattern is None), step
+        if hf_rank_pattern is not None:
+            hf_pattern = {k.split(".lora_E")[0]: v for k, v in hf_rank_pattern.items()}
+            assert hf_pattern == alloc.rank_pattern, step
+            n_pattern_checks += 1
+        # a plain SGD step on both sides keeps masked values able to recover
+        for name, layer in layers.items():
+            for kind in ("lora_A", "lora_E", "lora_B"):
+                p = getattr(layer, kind)
+                p.data -= 0.01 * p.grad
+                with torch.no_grad():
+                    hf_param(name, kind).copy_(torch.from_numpy(p.data))
+    assert n_masked_steps >= 4 and n_pattern_checks >= 10
+    final = {name: sum(k) for name, k in alloc.rank_pattern.items()}
+    assert sum(final.values()) == target_r * len(dims), final
