@@ -1,1 +1,14 @@
-"""minipeft.models."""
+"""Models with Hugging Face module names and weight layouts, and checkpoint IO."""
+
+from .gpt2 import GPT2, GPT2Config
+from .io import (
+    CheckpointError,
+    load_safetensors,
+    read_json_config,
+    save_safetensors_atomic,
+)
+
+__all__ = [
+    "GPT2", "CheckpointError", "GPT2Config", "load_safetensors", "read_json_config",
+    "save_safetensors_atomic",
+]  # fmt: skip

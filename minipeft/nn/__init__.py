@@ -1,5 +1,6 @@
 """Neural-network modules: the Module tree, basic layers and attention."""
 
+from .conv1d import Conv1D
 from .layers import MLP, Dropout, Embedding, LayerNorm, Linear, kaiming_uniform
 from .module import Module, ModuleList, Parameter
 
@@ -20,3 +21,5 @@ __all__ += [
     "MultiHeadAttention", "attention_reference", "merge_heads", "scaled_dot_product_attention",
     "split_heads",
 ]  # fmt: skip
+
+__all__ += ["Conv1D"]  # H3: GPT-2's (in, out) linear layer
