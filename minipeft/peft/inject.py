@@ -1,0 +1,297 @@
+"""Wrap the target modules of a model with adapters, freeze the rest (as HF PEFT does).
+
+``get_peft_model(model, config)`` returns a ``PeftModel`` whose module tree reads like HF
+PEFT's — ``base_model.model.transformer.h.0.attn.c_attn.lora_A.default.weight`` — so that
+adapter files map onto it by dropping the adapter name. Matching follows HF PEFT
+(``config.target_matches``): a list of suffixes, or a regex string matched in full.
+Only layers with a 2-D weight (``Linear`` (out, in) and GPT-2's ``Conv1D`` (in, out)) are
+wrapped; a target that names anything else raises ValueError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import numpy as np
+
+from ..nn.module import Module
+from .config import IA3Config, LoraConfig, PeftConfig, VeraConfig, target_matches
+from .ia3 import IA3Layer
+from .lora import LoraLayer, _AdapterDict, base_layout
+from .vera import VeraLayer, vera_kaiming_projection
+
+__all__ = ["PeftModel", "count_parameters", "get_peft_model"]
+
+_ADAPTER_LAYERS = (LoraLayer, VeraLayer, IA3Layer)
+
+
+def _replace(root: Module, name: str, new: Module) -> None:
+    """Put ``new`` at dotted ``name`` in ``root``, keeping the parent's child order."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name)
+    parent._modules[child] = new
+    object.__setattr__(parent, child, new)
+
+
+def _targets(model: Module, config: PeftConfig) -> list[str]:
+    names = []
+    for name, mod in model.named_modules():
+        if not name or not target_matches(config.target_modules, name):
+            continue
+        if isinstance(mod, _ADAPTER_LAYERS):
+            raise ValueError(f"target_modules: {name!r} already carries an adapter")
+        w = getattr(mod, "weight", None)
+        if w is None or getattr(w, "ndim", 0) != 2:
+            raise ValueError(
+                f"target_modules: {name!r} is a {type(mod).__name__}; only layers with a 2-D "
+                f"weight (Linear, Conv1D) can be adapted"
+            )
+        names.append(name)
+    if not names:
+        raise ValueError(
+            f"target_modules: {config.target_modules!r} matched no module of the model"
+        )
+    return names
+
+
+class _TunerModel(Module):
+    """HF PEFT's ``LoraModel``/``VeraModel``/``IA3Model`` level: holds ``model`` (+ VeRA's A, B)."""
+
+    def __init__(self, model: Module) -> None:
+        super().__init__()
+        self.model = model
+
+
+class PeftModel(Module):
+    """A model with adapters. Call it like the model; ``save_pretrained`` writes HF PEFT files."""
+
+    def __init__(self, model: Module, config: PeftConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.base_model = _TunerModel(model)
+        self.peft_config: dict[str, PeftConfig] = {}
+        self.active_adapter = adapter_name
+        self.add_adapter(adapter_name, config)
+
+    # ---------------------------------------------------------------- building
+    def add_adapter(self, adapter_name: str, config: PeftConfig) -> None:
+        """Add adapter ``adapter_name`` (LoRA adapters may coexist; one VeRA/IA3 adapter)."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter_name: {adapter_name!r} already exists")
+        if self.peft_config:
+            first = next(iter(self.peft_config.values()))
+            if not (isinstance(config, LoraConfig) and isinstance(first, LoraConfig)):
+                raise ValueError(
+                    "config: only LoRA adapters can be added next to an existing adapter"
+                )
+        model = self.base_model.model
+        if isinstance(config, LoraConfig):
+            self._inject_lora(model, config, adapter_name)
+        elif isinstance(config, VeraConfig):
+            self._inject_vera(model, config, adapter_name)
+        elif isinstance(config, IA3Config):
+            self._inject_ia3(model, config, adapter_name)
+        else:
+            raise TypeError(
+                f"config: expected a LoraConfig, VeraConfig or IA3Config, got {config!r}"
+            )
+        self.peft_config[adapter_name] = config
+        if len(self.peft_config) == 1:
+            self.set_adapter(adapter_name)
+        else:
+            self.set_adapter(self.active_adapter)
+
+    def _inject_lora(self, model: Module, config: LoraConfig, name: str) -> None:
+        for tname in _targets(model, config):
+            mod = model.get_submodule(tname)
+            r, alpha = config.rank_and_alpha(tname)
+            if isinstance(mod, LoraLayer):  # pragma: no cover - guarded by _targets
+                layer = mod
+            else:
+                layer = LoraLayer(mod, fan_in_fan_out=config.fan_in_fan_out)
+                _replace(model, tname, layer)
+            layer.add_adapter(
+                name,
+                r,
+                alpha,
+                lora_dropout=config.lora_dropout,
+                use_rslora=config.use_rslora,
+                use_dora=config.use_dora,
+                init_lora_weights=config.init_lora_weights,
+                activate=False,
+            )
+
+    def _inject_vera(self, model: Module, config: VeraConfig, name: str) -> None:
+        targets = _targets(model, config)
+        out_max = in_max = 0
+        for tname in targets:
+            fi, fo, _ = base_layout(model.get_submodule(tname))
+            in_max, out_max = max(in_max, fi), max(out_max, fo)
+        rng = np.random.default_rng(config.projection_prng_key)
+        dt = model.get_submodule(targets[0]).weight.dtype
+        a = vera_kaiming_projection((config.r, in_max), rng).astype(dt)  # A (r, in_max)
+        b = vera_kaiming_projection((out_max, config.r), rng).astype(dt)  # B (out_max, r)
+        self.base_model.vera_A = _AdapterDict()
+        self.base_model.vera_B = _AdapterDict()
+        self.base_model.vera_A.register_buffer(name, a, persistent=config.save_projection)
+        self.base_model.vera_B.register_buffer(name, b, persistent=config.save_projection)
+        shared = _SharedProjection(self.base_model, name)
+        for tname in targets:
+            layer = VeraLayer(
+                model.get_submodule(tname),
+                name,
+                shared,
+                r=config.r,
+                d_initial=config.d_initial,
+                vera_dropout=config.vera_dropout,
+                fan_in_fan_out=config.fan_in_fan_out,
+                init_weights=config.init_weights,
+            )
+            _replace(model, tname, layer)
+
+    def _inject_ia3(self, model: Module, config: IA3Config, name: str) -> None:
+        for tname in _targets(model, config):
+            ff = target_matches(config.feedforward_modules, tname)
+            layer = IA3Layer(
+                model.get_submodule(tname),
+                name,
+                is_feedforward=ff,
+                fan_in_fan_out=config.fan_in_fan_out,
+                init_ia3_weights=config.init_ia3_weights,
+            )
+            _replace(model, tname, layer)
+
+    # ---------------------------------------------------------------- adapters
+    def adapter_layers(self) -> Iterator[tuple[str, Module]]:
+        """(name in the model, layer) for every adapter-carrying layer."""
+        for n, m in self.base_model.model.named_modules():
+            if isinstance(m, _ADAPTER_LAYERS):
+                yield n, m
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Activate ``adapter_name``; freeze every parameter that is not part of it.
+
+        Trainable: the active adapter's tensors, plus biases when the LoRA config says
+        ``bias="all"`` (every bias) or ``"lora_only"`` (biases of adapted layers).
+        """
+        if adapter_name not in self.peft_config:
+            raise KeyError(
+                f"adapter_name: no adapter {adapter_name!r}; have {list(self.peft_config)}"
+            )
+        self.active_adapter = adapter_name
+        self.base_model.model.requires_grad_(False)
+        for _, layer in self.adapter_layers():
+            if isinstance(layer, LoraLayer):
+                if adapter_name in layer.r:
+                    layer.set_adapter(adapter_name)
+                else:
+                    layer.active_adapters = []
+            else:
+                for p in layer.parameters():
+                    if p is not getattr(layer.base_layer, "weight", None) and p is not getattr(
+                        layer.base_layer, "bias", None
+                    ):
+                        p.requires_grad_(True)
+        bias = getattr(self.peft_config[adapter_name], "bias", "none")
+        if bias == "all":
+            for n, p in self.base_model.model.named_parameters():
+                if n.rsplit(".", 1)[-1] == "bias":
+                    p.requires_grad_(True)
+        elif bias == "lora_only":
+            for _, layer in self.adapter_layers():
+                b = getattr(layer.base_layer, "bias", None)
+                if b is not None:
+                    b.requires_grad_(True)
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """``with model.disable_adapter(): ...`` runs the base model alone."""
+        with ExitStack() as stack:
+            for _, layer in self.adapter_layers():
+                stack.enter_context(layer.disable_adapters())
+            yield
+
+    def merge_adapter(self) -> None:
+        """Fold the active adapter into the base weights (undo with ``unmerge_adapter``)."""
+        for _, layer in self.adapter_layers():
+            layer.merge()
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.adapter_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self) -> Module:
+        """Merge the active adapter and return the plain base model (adapters removed)."""
+        model = self.base_model.model
+        for name, layer in list(self.adapter_layers()):
+            layer.merge()
+            _replace(model, name, layer.base_layer)
+        return model
+
+    def get_base_model(self) -> Module:
+        return self.base_model.model
+
+    # ---------------------------------------------------------------- running
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.model(*args, **kwargs)
+
+    # ---------------------------------------------------------------- counting
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, HF PEFT's definition (adapters included)."""
+        return count_parameters(self)
+
+    def print_trainable_parameters(self) -> str:
+        """Print (and return) the line HF PEFT prints."""
+        trainable, total = self.get_nb_trainable_parameters()
+        line = (
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / total:.4f}"
+        )
+        print(line)
+        return line
+
+    # ---------------------------------------------------------------- files
+    def save_pretrained(self, save_directory: str, adapter_name: str | None = None) -> None:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` as HF PEFT does."""
+        from .io import save_adapter
+
+        save_adapter(self, save_directory, adapter_name or self.active_adapter)
+
+    @classmethod
+    def from_pretrained(
+        cls, model: Module, model_id: str, adapter_name: str = "default"
+    ) -> PeftModel:
+        """Load an adapter directory written by HF PEFT (or minipeft) onto ``model``."""
+        from .io import load_adapter
+
+        return load_adapter(model, model_id, adapter_name)
+
+
+class _SharedProjection(dict):
+    """{"A": …, "B": …} read live from the tuner model's buffers (VeRA's shared projections)."""
+
+    def __init__(self, tuner: Module, name: str) -> None:
+        super().__init__()
+        object.__setattr__(self, "_tuner", tuner)
+        object.__setattr__(self, "_name", name)
+
+    def __getitem__(self, key: str) -> Any:
+        holder = self._tuner.vera_A if key == "A" else self._tuner.vera_B
+        return getattr(holder, self._name)
+
+
+def count_parameters(model: Module) -> tuple[int, int]:
+    """(trainable, total) numbers of parameters."""
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.size
+        trainable += p.size if p.requires_grad else 0
+    return trainable, total
+
+
+def get_peft_model(model: Module, config: PeftConfig, adapter_name: str = "default") -> PeftModel:
+    """Wrap ``config.target_modules`` of ``model`` with adapters; freeze everything else."""
+    if not isinstance(model, Module):
+        raise TypeError(f"model: expected a minipeft Module, got {type(model).__name__}")
+    return PeftModel(model, config, adapter_name)

@@ -1,0 +1,506 @@
+"""LoRA: a frozen weight plus a trainable low-rank update (derivations/lora.md).
+
+For a frozen base layer with weight W₀ (out, in) and a batch X (N, in), each active adapter
+adds a rank-r product, scaled by s = α/r (or α/√r with rsLoRA):
+
+    H = X·W₀ᵀ + b + s·(X·Aᵀ)·Bᵀ          A (r, in), B (out, r)            [lora.forward]
+
+The backward is written in closed form, as ONE Function (``LoraFunction``). With the upstream
+gradient G = ∂L/∂H (N, out):
+
+    ∂L/∂B = s·Gᵀ·(X·Aᵀ)                 (out, r)                          [lora.grad_B]
+    ∂L/∂A = s·(G·B)ᵀ·X                  (r, in)                           [lora.grad_A]
+    ∂L/∂X = G·W₀ + s·(G·B)·A            (N, in)                           [lora.grad_X]
+
+and ∂L/∂W₀ = Gᵀ·X, an (out, in) matrix as large as the layer, is never formed while W₀ is
+frozen — that is where LoRA saves memory and time. GPT-2's Conv1D stores its weight
+transposed, (in, out), and computes X·W; ``fan_in_fan_out=True`` handles that layout, as in
+HF PEFT. Dropout acts on the LoRA branch only: the branch sees X̃ = X ⊙ M/(1−p).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from .. import backend
+from ..autograd.tensor import Function, Tensor, no_grad
+from ..backend import Array
+from ..nn.module import Module, Parameter
+
+__all__ = [
+    "LoraFunction",
+    "LoraLayer",
+    "lora_linear",
+    "lora_scaling",
+    "olora_init",
+    "pissa_init",
+]
+
+
+# ------------------------------------------------------------------------------ scaling
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """s = α/r (Hu et al., 2021), or s = α/√r with rsLoRA (Kalajdzievski, 2023).  [lora.scaling]"""
+    if not isinstance(r, int | np.integer) or r <= 0:
+        raise ValueError(f"r: expected a positive integer rank, got {r!r}")
+    return float(alpha) / math.sqrt(r) if use_rslora else float(alpha) / r
+
+
+# ------------------------------------------------------------------------------ the Function
+class LoraFunction(Function):
+    """H = X·W₀ᵀ + b + Σᵢ sᵢ·(X̃ᵢ·Aᵢᵀ)·Bᵢᵀ and its closed-form backward, in one Function.
+
+    Inputs: ``x`` (..., in), ``w0`` (out, in) — or (in, out) when ``fan_in_fan_out`` —,
+    optionally ``bias`` (out,) when ``has_bias``, then pairs ``A₁, B₁, A₂, B₂, …``.
+    ``scales`` holds sᵢ and ``masks`` the dropout multipliers Mᵢ/(1−p) (or None) of each pair.
+    """
+
+    def forward(
+        self,
+        x: Array,
+        w0: Array,
+        *rest: Array,
+        scales: Sequence[float],
+        masks: Sequence[Array | None],
+        fan_in_fan_out: bool,
+        has_bias: bool,
+    ) -> Array:
+        bias = rest[0] if has_bias else None
+        pairs = rest[1:] if has_bias else rest
+        self.lead, k = x.shape[:-1], x.shape[-1]
+        xs = x.reshape(-1, k)  # (N, in)
+        self.fan_in_fan_out, self.has_bias, self.scales = fan_in_fan_out, has_bias, scales
+        # H = X·W₀ᵀ (Linear, W₀ (out, in)) or X·W₀ (Conv1D, W₀ (in, out))
+        h = xs @ w0 if fan_in_fan_out else xs @ w0.T  # (N, out)
+        if bias is not None:
+            h = h + bias  # + b
+        self.w0 = w0 if self.needs_input_grad[0] else None  # only ∂L/∂X needs W₀
+        self.xs = xs if self.needs_input_grad[1] else None  # only ∂L/∂W₀ (full FT) needs X
+        self.saved = []
+        for i, s in enumerate(scales):
+            a, b = pairs[2 * i], pairs[2 * i + 1]
+            m = masks[i]
+            xd = xs if m is None else xs * m.reshape(-1, k)  # X̃ = X ⊙ M/(1−p)   (N, in)
+            u = xd @ a.T  # U = X̃·Aᵀ   (N, r)
+            h = h + s * (u @ b.T)  # H += s·U·Bᵀ
+            self.saved.append((a, b, xd, u, None if m is None else m.reshape(-1, k)))
+        return h.reshape(*self.lead, h.shape[-1])  # (..., out)
+
+    def backward(self, grad: Array) -> tuple[Array | None, ...]:
+        g = grad.reshape(-1, grad.shape[-1])  # G (N, out)
+        k = self.saved[0][0].shape[1] if self.saved else None
+        gx = gw0 = gbias = None
+        if self.needs_input_grad[0]:
+            # ∂L/∂X = G·W₀ (+ Σ sᵢ·(G·Bᵢ)·Aᵢ below)
+            gx = g @ self.w0.T if self.fan_in_fan_out else g @ self.w0  # (N, in)
+            k = gx.shape[1]
+        if self.needs_input_grad[1]:
+            # ∂L/∂W₀ = Gᵀ·X — only when W₀ is NOT frozen (full fine-tuning); LoRA never gets here
+            gw0 = self.xs.T @ g if self.fan_in_fan_out else g.T @ self.xs
+        if self.has_bias and self.needs_input_grad[2]:
+            gbias = g.sum(axis=0)  # ∂L/∂b = Σₙ Gₙ
+        off = 3 if self.has_bias else 2
+        pair_grads: list[Array | None] = []
+        for i, (s, (a, b, xd, u, m)) in enumerate(zip(self.scales, self.saved)):
+            need_a = self.needs_input_grad[off + 2 * i]
+            need_b = self.needs_input_grad[off + 2 * i + 1]
+            gb_ = g @ b if (need_a or gx is not None) else None  # G·B   (N, r)
+            # ∂L/∂A = s·(G·B)ᵀ·X̃      (r, in)
+            ga = s * (gb_.T @ xd) if need_a else None
+            # ∂L/∂B = s·Gᵀ·(X̃·Aᵀ)     (out, r)
+            gbm = s * (g.T @ u) if need_b else None
+            if gx is not None:
+                # ∂L/∂X += s·(G·B)·A ⊙ M/(1−p)
+                d = s * (gb_ @ a)
+                gx = gx + (d if m is None else d * m)
+            pair_grads += [ga, gbm]
+        if gx is not None:
+            gx = gx.reshape(*self.lead, k)  # (..., in)
+        head: list[Array | None] = [gx, gw0] + ([gbias] if self.has_bias else [])
+        return tuple(head + pair_grads)
+
+
+def lora_linear(
+    x: Tensor,
+    w0: Tensor,
+    bias: Tensor | None,
+    adapters: Sequence[tuple[Tensor, Tensor, float]],
+    *,
+    masks: Sequence[Array | None] | None = None,
+    fan_in_fan_out: bool = False,
+) -> Tensor:
+    """LoRA forward with its fused closed-form backward.
+
+    [lora.forward]  H = X·W₀ᵀ + b + Σ sᵢ·(X̃·Aᵢᵀ)·Bᵢᵀ
+    [lora.grad_A]   ∂L/∂A = s·(G·B)ᵀ·X̃
+    [lora.grad_B]   ∂L/∂B = s·Gᵀ·(X̃·Aᵀ)
+    [lora.grad_X]   ∂L/∂X = G·W₀ + s·(G·B)·A   (⊙ the dropout multiplier on the second term)
+
+    ``adapters`` is a list of (A (r, in), B (out, r), s). ``w0`` is (out, in), or (in, out)
+    with ``fan_in_fan_out`` (GPT-2's Conv1D). ``masks`` gives each adapter's dropout
+    multiplier M/(1−p), shaped like ``x`` (None: no dropout).
+    """
+    if not isinstance(x, Tensor) or not isinstance(w0, Tensor):
+        raise TypeError("x, w0: expected Tensors")
+    out_f, in_f = (w0.shape[1], w0.shape[0]) if fan_in_fan_out else w0.shape
+    if x.shape[-1] != in_f:
+        raise ValueError(f"x: expected last dimension {in_f} (in_features), got shape {x.shape}")
+    if bias is not None and bias.shape != (out_f,):
+        raise ValueError(f"bias: expected shape {(out_f,)}, got {bias.shape}")
+    masks = list(masks) if masks is not None else [None] * len(adapters)
+    if len(masks) != len(adapters):
+        raise ValueError(f"masks: expected {len(adapters)} entries, got {len(masks)}")
+    flat: list[Tensor] = []
+    for i, (a, b, _) in enumerate(adapters):
+        if a.ndim != 2 or a.shape[1] != in_f:
+            raise ValueError(f"adapters[{i}].A: expected shape (r, {in_f}), got {a.shape}")
+        if b.ndim != 2 or b.shape != (out_f, a.shape[0]):
+            raise ValueError(
+                f"adapters[{i}].B: expected shape ({out_f}, {a.shape[0]}), got {b.shape}"
+            )
+        flat += [a, b]
+    for i, m in enumerate(masks):
+        if m is not None and tuple(m.shape) != x.shape:
+            raise ValueError(f"masks[{i}]: expected shape {x.shape}, got {tuple(m.shape)}")
+    head = [x, w0] + ([bias] if bias is not None else [])
+    return LoraFunction.apply(
+        *head,
+        *flat,
+        scales=tuple(float(s) for s in (ad[2] for ad in adapters)),
+        masks=tuple(masks),
+        fan_in_fan_out=bool(fan_in_fan_out),
+        has_bias=bias is not None,
+    )
+
+
+# ------------------------------------------------------------------------------ inits
+def _kaiming_uniform(shape: tuple[int, int], dtype: Any) -> np.ndarray:
+    """PyTorch's kaiming_uniform_(a=√5) on a (r, in) matrix: U(−1/√in, 1/√in)."""
+    bound = math.sqrt(6.0 / ((1 + 5.0) * shape[1]))
+    return backend.rng().uniform(-bound, bound, size=shape).astype(dtype)
+
+
+def pissa_init(w: np.ndarray, r: int, scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PiSSA (Meng et al., 2024): put the top-r singular part of W in the adapter.
+
+    [lora.pissa_init]
+
+    W = U·S·Vᵀ (out, in).  A = diag(√(S_r/s))·V_rᵀ,  B = U_r·diag(√(S_r/s)), so that
+    s·B·A = U_r·S_r·V_rᵀ, and the residual W₀' = W − s·B·A keeps the other singular values:
+    W₀' + s·B·A = W exactly at initialization. Returns (W₀', A, B) in W's dtype.
+    """
+    w64 = np.asarray(w, dtype=np.float64)
+    if r > min(w64.shape):
+        raise ValueError(f"r: PiSSA needs r ≤ min(out, in) = {min(w64.shape)}, got {r}")
+    u, sv, vt = np.linalg.svd(w64, full_matrices=False)
+    root = np.sqrt(sv[:r] / scale)  # √(S_r / s)
+    a = root[:, None] * vt[:r]  # A = diag(√(S_r/s))·V_rᵀ   (r, in)
+    b = u[:, :r] * root[None, :]  # B = U_r·diag(√(S_r/s))    (out, r)
+    w_res = w64 - scale * (b @ a)  # W₀' = W − s·B·A
+    return w_res.astype(w.dtype), a.astype(w.dtype), b.astype(w.dtype)
+
+
+def olora_init(w: np.ndarray, r: int, scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """OLoRA (Büyükakyüz, 2024): W = Q·R; B = Q[:, :r], A = R[:r]; W₀' = W − s·B·A.
+
+    [lora.olora_init]
+
+    B has orthonormal columns; W₀' + s·B·A = W exactly at initialization (as in HF PEFT, the
+    QR factors are not rescaled by s, so the adapter carries s·Q_r·R_r of W).
+    """
+    w64 = np.asarray(w, dtype=np.float64)
+    if r > min(w64.shape):
+        raise ValueError(f"r: OLoRA needs r ≤ min(out, in) = {min(w64.shape)}, got {r}")
+    q, rr = np.linalg.qr(w64)  # W = Q·R, Q (out, min), R (min, in)
+    b, a = q[:, :r], rr[:r]  # B = Q_r (out, r), A = R_r (r, in)
+    w_res = w64 - scale * (b @ a)  # W₀' = W − s·B·A
+    return w_res.astype(w.dtype), a.astype(w.dtype), b.astype(w.dtype)
+
+
+INIT_CHOICES = ("true", "kaiming", "gaussian", "lecture", "pissa", "olora", "false")
+
+
+# ------------------------------------------------------------------------------ the layer
+class _Holder(Module):
+    """A module holding one ``weight`` Parameter (so names read ``lora_A.default.weight``)."""
+
+    def __init__(self, weight: Parameter) -> None:
+        super().__init__()
+        self.weight = weight
+
+
+class _AdapterDict(Module):
+    """Named children, one per adapter, like ``nn.ModuleDict`` (``lora_A.<adapter>``)."""
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._modules
+
+    def __getitem__(self, name: str) -> Module:
+        return self._modules[name]
+
+    def __setitem__(self, name: str, module: Module) -> None:
+        setattr(self, name, module)
+
+    def keys(self) -> list[str]:
+        return list(self._modules)
+
+    def __delitem__(self, name: str) -> None:
+        delattr(self, name)
+
+
+def base_layout(base: Module, fan_in_fan_out: bool | None = None) -> tuple[int, int, bool]:
+    """(in_features, out_features, fan_in_fan_out) of a Linear (out, in) or Conv1D (in, out).
+
+    Like HF PEFT, a Conv1D base forces ``fan_in_fan_out=True`` (with a warning when the
+    caller asked for False) and a Linear base forces False.
+    """
+    w = getattr(base, "weight", None)
+    if not isinstance(w, Tensor) or w.ndim != 2:
+        raise TypeError(
+            "base: expected a layer with a 2-D weight (Linear or Conv1D), "
+            f"got {type(base).__name__}"
+        )
+    is_conv1d = type(base).__name__ == "Conv1D"
+    if fan_in_fan_out is not None and bool(fan_in_fan_out) != is_conv1d:
+        warnings.warn(
+            f"fan_in_fan_out={fan_in_fan_out} does not match the base layer "
+            f"{type(base).__name__}; using fan_in_fan_out={is_conv1d}",
+            stacklevel=3,
+        )
+    if is_conv1d:
+        return int(w.shape[0]), int(w.shape[1]), True
+    return int(w.shape[1]), int(w.shape[0]), False
+
+
+class LoraLayer(Module):
+    """A frozen base layer (``base_layer``) with named LoRA adapters.
+
+    Parameter names follow HF PEFT: ``base_layer.weight``, ``lora_A.<name>.weight`` (r, in),
+    ``lora_B.<name>.weight`` (out, r), ``lora_magnitude_vector.<name>.weight`` (DoRA).
+    Several adapters can live side by side; ``set_adapter`` chooses the active one(s),
+    ``disable_adapters()`` runs the base layer alone, ``merge``/``unmerge`` fold the
+    active adapters into W₀ and back.
+    """
+
+    def __init__(self, base: Module, fan_in_fan_out: bool | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.fan_in_fan_out = base_layout(base, fan_in_fan_out)
+        self.base_layer = base
+        self.lora_A = _AdapterDict()
+        self.lora_B = _AdapterDict()
+        self.lora_magnitude_vector = _AdapterDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout: dict[str, float] = {}
+        self.use_dora: dict[str, bool] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    # ---------------------------------------------------------------- adapters
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        lora_alpha: float,
+        *,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        init_lora_weights: bool | str = True,
+        activate: bool = True,
+    ) -> None:
+        """Create adapter ``name``: A (r, in), B (out, r) initialized per ``init_lora_weights``.
+
+        ``True``/"kaiming": A Kaiming-uniform, B = 0 (HF PEFT and loralib);
+        "gaussian": A ~ N(0, 1/r²), B = 0 (HF PEFT); "lecture": A = 0, B Kaiming-uniform
+        (the lecture's quick start — shown only to compare first-step gradients, ERRATA 6);
+        "pissa"/"olora": the principal part of W₀ moves into the adapter (W₀ is modified);
+        ``False``: A and B random (an identity-breaking init for tests).
+        """
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"name: expected a non-empty adapter name without dots, got {name!r}")
+        if name in self.r:
+            raise ValueError(f"name: adapter {name!r} already exists on this layer")
+        if not isinstance(r, int | np.integer) or r <= 0:
+            raise ValueError(f"r: expected a positive integer rank, got {r!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout: expected a probability in [0, 1), got {lora_dropout}")
+        init = str(init_lora_weights).lower()
+        if init not in INIT_CHOICES:
+            raise ValueError(f"init_lora_weights: expected one of {INIT_CHOICES}, got {init!r}")
+        if init in ("pissa", "olora") and self.merged_adapters:
+            raise ValueError("init_lora_weights: cannot PiSSA/OLoRA-initialize a merged layer")
+        r = int(r)
+        s = lora_scaling(r, lora_alpha, use_rslora)
+        w0 = self.base_layer.weight
+        dt = w0.dtype
+        shape_a, shape_b = (r, self.in_features), (self.out_features, r)
+        if init in ("true", "kaiming"):
+            a, b = _kaiming_uniform(shape_a, dt), np.zeros(shape_b, dt)
+        elif init == "gaussian":
+            a = (backend.rng().standard_normal(shape_a) / r).astype(dt)  # N(0, (1/r)²)
+            b = np.zeros(shape_b, dt)
+        elif init == "lecture":
+            a = np.zeros(shape_a, dt)
+            b = backend.rng().uniform(-1, 1, size=shape_b).astype(dt) / math.sqrt(r)
+        elif init == "false":
+            a, b = _kaiming_uniform(shape_a, dt), _kaiming_uniform((shape_b[0], r), dt)
+        else:
+            w_oi = self._w0_out_in()
+            fn = pissa_init if init == "pissa" else olora_init
+            w_res, a, b = fn(backend.to_numpy(w_oi), r, s)
+            with no_grad():
+                w0.data[...] = w_res.T if self.fan_in_fan_out else w_res
+        self.lora_A[name] = _Holder(Parameter(a))
+        self.lora_B[name] = _Holder(Parameter(b))
+        self.r[name], self.lora_alpha[name], self.scaling[name] = r, float(lora_alpha), s
+        self.lora_dropout[name] = float(lora_dropout)
+        self.use_dora[name] = bool(use_dora)
+        if use_dora:
+            from .dora import dora_weight_norm
+
+            n = dora_weight_norm(self._w0_out_in(), b, a, s)  # m₀ = ‖W₀ + s·B·A‖ per row
+            self.lora_magnitude_vector[name] = _Holder(Parameter(n.astype(dt)))
+        if activate:
+            self.set_adapter(name)
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (it must not be merged)."""
+        self._check_name(name)
+        if name in self.merged_adapters:
+            raise ValueError(f"name: adapter {name!r} is merged; unmerge it first")
+        for store in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
+            if name in store:
+                del store[name]
+        for d in (self.r, self.lora_alpha, self.scaling, self.lora_dropout, self.use_dora):
+            d.pop(name)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def _check_name(self, name: str) -> None:
+        if name not in self.r:
+            raise KeyError(f"adapter: no adapter named {name!r}; have {sorted(self.r)}")
+
+    def set_adapter(self, names: str | Sequence[str]) -> None:
+        """Make ``names`` the active adapter(s); only they train (others are frozen)."""
+        names = [names] if isinstance(names, str) else list(names)
+        for n in names:
+            self._check_name(n)
+        self.active_adapters = names
+        for n in self.r:
+            flag = n in names
+            self.lora_A[n].weight.requires_grad_(flag)
+            self.lora_B[n].weight.requires_grad_(flag)
+            if n in self.lora_magnitude_vector:
+                self.lora_magnitude_vector[n].weight.requires_grad_(flag)
+
+    def enable_adapters(self, enabled: bool = True) -> None:
+        """Switch the adapters on (True) or off (False: the base layer alone)."""
+        self.disabled = not enabled
+
+    @contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """``with layer.disable_adapters(): ...`` runs the base layer alone."""
+        old = self.disabled
+        self.disabled = True
+        try:
+            yield
+        finally:
+            self.disabled = old
+
+    # ---------------------------------------------------------------- weights
+    def _w0_out_in(self) -> Array:
+        """W₀ in the (out, in) layout (a view)."""
+        w = self.base_layer.weight.data
+        return w.T if self.fan_in_fan_out else w
+
+    def delta_weight(self, name: str) -> Array:
+        """ΔW = s·B·A in the (out, in) layout (DoRA: the merged weight minus W₀)."""
+        self._check_name(name)
+        a, b, s = self.lora_A[name].weight.data, self.lora_B[name].weight.data, self.scaling[name]
+        if self.use_dora[name]:
+            from .dora import dora_merged_weight
+
+            w0 = self._w0_out_in()
+            m = self.lora_magnitude_vector[name].weight.data
+            return dora_merged_weight(w0, b, a, m, s) - w0
+        return s * (b @ a)  # ΔW = s·B·A   [lora.merge]
+
+    def merge(self, names: Sequence[str] | None = None) -> None:
+        """W₀ ← W₀ + s·B·A for each (active) adapter, so inference runs the base layer alone.
+
+        [lora.merge]  x·(W₀ + s·B·A)ᵀ = x·W₀ᵀ + s·(x·Aᵀ)·Bᵀ.  The ΔW of each merged adapter
+        is kept, so ``unmerge`` subtracts exactly what was added.
+        """
+        names = list(self.active_adapters if names is None else names)
+        w = self.base_layer.weight.data
+        for n in names:
+            if n in self.merged_adapters:
+                continue
+            dw = self.delta_weight(n).astype(w.dtype)
+            if not hasattr(self, "_merged_delta"):
+                object.__setattr__(self, "_merged_delta", {})
+            self._merged_delta[n] = dw
+            w += dw.T if self.fan_in_fan_out else dw
+            self.merged_adapters.append(n)
+
+    def unmerge(self) -> None:
+        """Undo ``merge``: W₀ ← W₀ − ΔW for every merged adapter, last merged first."""
+        w = self.base_layer.weight.data
+        while self.merged_adapters:
+            n = self.merged_adapters.pop()
+            dw = self._merged_delta.pop(n)
+            w -= dw.T if self.fan_in_fan_out else dw
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    # ---------------------------------------------------------------- forward
+    def _mask(self, p: float, x: Tensor) -> Array | None:
+        if not self.training or p == 0.0:
+            return None
+        xp = backend.xp_of(x.data)
+        keep = backend.rng().random(x.shape) >= p
+        return xp.asarray(keep, dtype=x.dtype) * x.dtype.type(1.0 / (1.0 - p))  # M/(1−p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        base = self.base_layer
+        if self.disabled:
+            if self.merged:
+                self.unmerge()
+            return base(x)
+        if self.merged:
+            return base(x)
+        plain, masks, doras = [], [], []
+        for n in self.active_adapters:
+            a, b, s = self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n]
+            mask = self._mask(self.lora_dropout[n], x)
+            if self.use_dora[n]:
+                doras.append((n, a, b, s, mask))
+            else:
+                plain.append((a, b, s))
+                masks.append(mask)
+        bias = getattr(base, "bias", None)
+        h = lora_linear(
+            x, base.weight, bias, plain, masks=masks, fan_in_fan_out=self.fan_in_fan_out
+        )
+        if doras:
+            from .dora import dora_delta
+
+            for n, a, b, s, mask in doras:
+                m = self.lora_magnitude_vector[n].weight
+                h = h + dora_delta(
+                    x, base.weight, m, a, b, s, mask=mask, fan_in_fan_out=self.fan_in_fan_out
+                )
+        return h
+
+    def extra_repr(self) -> str:
+        ads = ", ".join(f"{n}: r={r}, s={self.scaling[n]:g}" for n, r in self.r.items())
+        return f"in={self.in_features}, out={self.out_features}, adapters=[{ads}]"
