@@ -363,8 +363,9 @@ def as_tensor(x: Any, like: Tensor | None = None) -> Tensor:
         typed_float = getattr(x, "ndim", 0) > 0 and getattr(x, "dtype", None) is not None
         typed_float = typed_float and np.dtype(x.dtype).kind == "f"
         if not typed_float:
-            arr = _as_array(x)
-            return Tensor(backend.xp_of(like.data).asarray(arr, dtype=like.dtype))
+            # straight to like's dtype: going through the default dtype first would round
+            # a Python float to float32 beside a float64 tensor
+            return Tensor(backend.xp_of(like.data).asarray(x, dtype=like.dtype))
     return Tensor(x)
 
 
