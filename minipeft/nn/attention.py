@@ -26,9 +26,9 @@ a key-padding mask (B, Tk) enters as ``attn_mask[:, None, None, :]``
 
 Fully-masked rows. A query row that may attend to no key has softmax(−∞, …, −∞) = 0/0.
 minipeft defines that row of P as all zeros: its output row is 0 and it passes no
-gradient to Q, K or V (dS = P ⊙ (…) = 0). No NaN appears, deterministically. (PyTorch's
-``scaled_dot_product_attention`` returns NaN there; a padded query row is usually
-discarded by the loss anyway.) With ``causal`` and Tk ≥ Tq every row sees key 0, so only
+gradient to Q, K or V (dS = P ⊙ (…) = 0). No NaN appears, deterministically. (PyTorch
+2.13's CPU ``scaled_dot_product_attention`` returns the same zeros and zero gradients; a
+naive softmax gives NaN.) With ``causal`` and Tk ≥ Tq every row sees key 0, so only
 ``attn_mask`` can produce such a row.
 
 ``attention_reference`` keeps the same computation as a composition of primitive ops
