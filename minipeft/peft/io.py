@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ..autograd.tensor import Tensor
 from ..models.io import (
     CheckpointError,
     load_safetensors,
@@ -31,7 +32,6 @@ from ..models.io import (
     save_safetensors_atomic,
     write_json_atomic,
 )
-from ..autograd.tensor import Tensor
 from ..nn.module import Module
 from .config import LoraConfig, VeraConfig, config_from_dict
 from .inject import PeftModel, _replace, get_peft_model
