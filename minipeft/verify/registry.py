@@ -38,7 +38,6 @@ __all__ = [
     "Result",
     "collect",
     "equation",
-    "registry",
     "run",
     "select",
 ]
@@ -124,11 +123,6 @@ def collect() -> dict[str, Equation]:
     for mod in pkgutil.iter_modules(checks.__path__):
         importlib.import_module(f"{checks.__name__}.{mod.name}")
     return _REGISTRY
-
-
-def registry() -> dict[str, Equation]:
-    """All registered equations (after ``collect``)."""
-    return dict(_REGISTRY)
 
 
 def select(pattern: str | None = None) -> list[Equation]:
