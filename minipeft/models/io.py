@@ -26,7 +26,7 @@ import json
 import os
 import struct
 import tempfile
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,6 +36,7 @@ from .. import backend
 
 __all__ = [
     "CheckpointError",
+    "atomic_write",
     "check_tensors",
     "config_from_dict",
     "load_safetensors",
@@ -142,7 +143,9 @@ def load_safetensors(
                         fh.seek(8 + n + begin)
                         arr = _bf16_to_f32(fh.read(end - begin), info["shape"])
                 else:
-                    arr = f.get_tensor(name)
+                    # the header's shape is authoritative (safetensors' NumPy reader turns
+                    # a 0-d tensor into shape (1,))
+                    arr = f.get_tensor(name).reshape(info["shape"])
                 out[name] = arr if dtype is None else arr.astype(want, copy=False)
     except SafetensorError as exc:
         raise CheckpointError(f"{p}: cannot read safetensors data: {exc}") from None
@@ -199,15 +202,21 @@ def save_safetensors_atomic(
     for name, value in tensors.items():
         if not isinstance(name, str):
             raise TypeError(f"tensors: names must be strings, got {name!r}")
-        arr = np.ascontiguousarray(backend.to_numpy(getattr(value, "data", value)))
+        arr = np.asarray(backend.to_numpy(getattr(value, "data", value)))
+        if not arr.flags.c_contiguous:  # (np.ascontiguousarray would make 0-d arrays 1-d)
+            arr = np.ascontiguousarray(arr)
         if arr.dtype == object:
             raise TypeError(f"tensors[{name!r}]: cannot store dtype object")
         arrays[name] = arr
-    return _atomic_write(p, lambda tmp: save_file(arrays, tmp, metadata=dict(metadata or {})))
+    return atomic_write(p, lambda tmp: save_file(arrays, tmp, metadata=dict(metadata or {})))
 
 
-def _atomic_write(path: Path, write: Any) -> Path:
-    """Call ``write(tmp_path)`` for a temporary file beside ``path``, then rename it."""
+def atomic_write(path: PathLike, write: Callable[[str], Any]) -> Path:
+    """Call ``write(tmp_path)`` for a temporary file beside ``path``, then rename it.
+
+    If ``write`` fails the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -230,7 +239,7 @@ def write_json_atomic(path: PathLike, obj: Any) -> Path:
             json.dump(obj, fh, indent=2, sort_keys=True)
             fh.write("\n")
 
-    return _atomic_write(Path(path), write)
+    return atomic_write(Path(path), write)
 
 
 def read_json(path: PathLike) -> dict[str, Any]:
