@@ -114,7 +114,7 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="modules_to_save"):
         config_from_dict({"peft_type": "LORA", "target_modules": ["c_attn"],
                           "modules_to_save": ["lm_head"]})  # fmt: skip
-    with pytest.raises(ValueError, match="unknown adapter_config.json field"):
+    with pytest.raises(ValueError, match=r"unknown adapter_config\.json field"):
         config_from_dict({"peft_type": "LORA", "target_modules": ["c_attn"], "zzz": 1})
 
 
