@@ -60,9 +60,9 @@ def test_frozen_inputs_get_no_gradient():
         layer = SVDLinear(Linear(5, 3), r=4, lora_alpha=8)
     x = Tensor(np.random.default_rng(1).standard_normal((2, 5)))
     layer(x).sum().backward()
-    assert layer.base.weight.grad is None and layer.base.bias.grad is None
+    assert layer.base_layer.weight.grad is None and layer.base_layer.bias.grad is None
     assert x.grad is None
-    for p in (layer.lora_A, layer.lora_E, layer.lora_B):
+    for p in (layer.A, layer.E, layer.B):
         assert p.grad is not None
 
 
@@ -70,7 +70,7 @@ def test_lambda_starts_at_zero_so_the_update_is_zero():
     with minipeft.dtype_policy("float64"):
         layer = SVDLinear(Linear(5, 3), r=4, lora_alpha=8)
     x = Tensor(np.random.default_rng(1).standard_normal((2, 5)))
-    np.testing.assert_array_equal(layer(x).data, layer.base(x).data)
+    np.testing.assert_array_equal(layer(x).data, layer.base_layer(x).data)
     assert np.all(layer.delta_weight() == 0)
 
 
@@ -126,10 +126,10 @@ def test_triplet_score_definition():
 def test_prune_to_rank_pattern_keeps_the_update():
     with minipeft.dtype_policy("float64"):
         layer = SVDLinear(Linear(5, 3), r=4, lora_alpha=8)
-    layer.lora_E.data[:] = [[1.0], [0.0], [2.0], [0.0]]
+    layer.E.data[:] = [[1.0], [0.0], [2.0], [0.0]]
     kept = prune_to_rank_pattern(layer, [True, False, True, False])
     assert kept["lora_A"].shape == (2, 5) and kept["lora_B"].shape == (3, 2)
-    full = layer.lora_B.data @ (layer.lora_A.data * layer.lora_E.data)
+    full = layer.B.data @ (layer.A.data * layer.E.data)
     np.testing.assert_allclose(kept["lora_B"] @ (kept["lora_A"] * kept["lora_E"]), full)
 
 
@@ -171,8 +171,8 @@ def test_rank_allocation_equals_hf_peft():
     rng = np.random.default_rng(1)
     for name, layer in layers.items():  # identical starting values, Λ non-zero to be ranked
         for kind in ("lora_A", "lora_E", "lora_B"):
-            val = rng.standard_normal(getattr(layer, kind).shape)
-            getattr(layer, kind).data[...] = val
+            val = rng.standard_normal(layer.param(kind).shape)
+            layer.param(kind).data[...] = val
             with torch.no_grad():
                 hf_param(name, kind).copy_(torch.from_numpy(val))
     alloc = RankAllocator(layers, mp_cfg)
@@ -183,8 +183,8 @@ def test_rank_allocation_equals_hf_peft():
     for step in range(total + 3):
         for name, layer in layers.items():  # the same gradients on both sides
             for kind in ("lora_A", "lora_E", "lora_B"):
-                g = rng.standard_normal(getattr(layer, kind).shape)
-                getattr(layer, kind).grad = g
+                g = rng.standard_normal(layer.param(kind).shape)
+                layer.param(kind).grad = g
                 hf_param(name, kind).grad = torch.from_numpy(g.copy())
         _, pattern = alloc.update_and_allocate(step)
         hf.base_model.update_and_allocate(step)
@@ -199,7 +199,7 @@ def test_rank_allocation_equals_hf_peft():
                     )  # fmt: skip
         for name, layer in layers.items():
             np.testing.assert_array_equal(
-                layer.lora_E.data, hf_param(name, "lora_E").detach().numpy()
+                layer.E.data, hf_param(name, "lora_E").detach().numpy()
             )
         hf_rank_pattern = hf.peft_config["default"].rank_pattern
         assert (hf_rank_pattern is None) == (alloc.rank_pattern is None), step
@@ -210,7 +210,7 @@ def test_rank_allocation_equals_hf_peft():
         # a plain SGD step on both sides keeps masked values able to recover
         for name, layer in layers.items():
             for kind in ("lora_A", "lora_E", "lora_B"):
-                p = getattr(layer, kind)
+                p = layer.param(kind)
                 p.data -= 0.01 * p.grad
                 with torch.no_grad():
                     hf_param(name, kind).copy_(torch.from_numpy(p.data))

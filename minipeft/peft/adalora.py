@@ -34,6 +34,7 @@ from ..autograd import ops
 from ..autograd.tensor import Function, Tensor
 from ..backend import Array
 from ..nn.module import Module, Parameter
+from .lora import _AdapterDict, base_layout
 
 __all__ = [
     "AdaLoraConfig",
@@ -192,32 +193,54 @@ def orthogonal_penalty(lora_As: Iterable[Tensor], lora_Bs: Iterable[Tensor]) -> 
 class SVDLinear(Module):
     """A frozen base layer plus AdaLoRA's update: h = base(x) + c·P·Λ·Q·x.
 
-    ``base`` is a Linear (weight (out, in)) or, with ``fan_in_fan_out``, a GPT-2 Conv1D
-    (weight (in, out)); its parameters are frozen. Parameter names match PEFT's
-    (``lora_A``, ``lora_E``, ``lora_B``) so adapter files port unchanged.
+    ``base`` is a Linear (weight (out, in)) or GPT-2's Conv1D (weight (in, out)); its
+    parameters are frozen. Names follow HF PEFT — ``base_layer.weight``,
+    ``lora_A.<adapter>`` (r, in), ``lora_E.<adapter>`` (r, 1), ``lora_B.<adapter>``
+    (out, r) — so adapter files port unchanged. ``A``, ``E``, ``B`` are the Parameters.
     """
 
     def __init__(
         self, base: Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-        fan_in_fan_out: bool = False,
+        adapter_name: str = "default",
     ) -> None:  # fmt: skip
         super().__init__()
-        w = base.weight
-        out_f, in_f = (w.shape[1], w.shape[0]) if fan_in_fan_out else w.shape
+        in_f, out_f, self.fan_in_fan_out = base_layout(base)
         if not isinstance(r, int) or r < 1:
             raise ValueError(f"r: expected a positive integer, got {r!r}")
-        self.base = base
+        self.base_layer = base
         base.requires_grad_(False)
+        self.adapter_name = adapter_name
         self.in_features, self.out_features, self.r = in_f, out_f, r
         self.lora_alpha = float(lora_alpha)
         self.ranknum = float(r)  # fixed at the initial rank, as in PEFT (not saved)
         self.lora_dropout = float(lora_dropout)
-        dt = backend.default_dtype()
+        dt = base.weight.dtype
         gen = backend.rng()
-        self.lora_A = Parameter(gen.normal(0.0, 0.02, (r, in_f)).astype(dt))  # Q (r, in)
-        self.lora_E = Parameter(np.zeros((r, 1), dtype=dt))  # Λ (r, 1), starts at 0
-        self.lora_B = Parameter(gen.normal(0.0, 0.02, (out_f, r)).astype(dt))  # P (out, r)
+        self.lora_A, self.lora_E, self.lora_B = _AdapterDict(), _AdapterDict(), _AdapterDict()
+        q = gen.normal(0.0, 0.02, (r, in_f)).astype(dt)  # Q (r, in)
+        p = gen.normal(0.0, 0.02, (out_f, r)).astype(dt)  # P (out, r)
+        setattr(self.lora_A, adapter_name, Parameter(q))
+        setattr(self.lora_E, adapter_name, Parameter(np.zeros((r, 1), dtype=dt)))  # Λ = 0
+        setattr(self.lora_B, adapter_name, Parameter(p))
         self.disabled = False
+
+    @property
+    def A(self) -> Parameter:
+        return getattr(self.lora_A, self.adapter_name)
+
+    @property
+    def E(self) -> Parameter:
+        return getattr(self.lora_E, self.adapter_name)
+
+    @property
+    def B(self) -> Parameter:
+        return getattr(self.lora_B, self.adapter_name)
+
+    def param(self, kind: str) -> Parameter:
+        """The Parameter named ``kind`` ∈ {"lora_A", "lora_E", "lora_B"} of the adapter."""
+        if kind not in ("lora_A", "lora_E", "lora_B"):
+            raise ValueError(f"kind: expected 'lora_A', 'lora_E' or 'lora_B', got {kind!r}")
+        return getattr(getattr(self, kind), self.adapter_name)
 
     @property
     def scaling(self) -> float:
@@ -227,20 +250,20 @@ class SVDLinear(Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.base(x)
+        h = self.base_layer(x)
         if self.disabled:
             return h
         xd = ops.dropout(x, self.lora_dropout, self.training)
-        return h + svd_delta(xd, self.lora_A, self.lora_E, self.lora_B, self.scaling)
+        return h + svd_delta(xd, self.A, self.E, self.B, self.scaling)
 
     def delta_weight(self) -> np.ndarray:
         """ΔW = c·P·(Λ ⊙ Q) in the base's layout ((out, in), or (in, out) for Conv1D)."""
-        d = self.scaling * (self.lora_B.data @ (self.lora_A.data * self.lora_E.data))
-        return d.T if self.base.weight.shape != d.shape else d
+        d = self.scaling * (self.B.data @ (self.A.data * self.E.data))  # (out, in)
+        return d.T if self.fan_in_fan_out else d
 
     def effective_rank(self) -> int:
         """Number of singular values Λᵢ that are not masked to zero."""
-        return int(np.count_nonzero(self.lora_E.data))
+        return int(np.count_nonzero(self.E.data))
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}"
@@ -304,8 +327,8 @@ class RankAllocator:
     def _named(self) -> list[tuple[str, Parameter]]:
         out = []
         for name, layer in self.layers.items():
-            for pname in ("lora_A", "lora_E", "lora_B"):
-                out.append((f"{name}.{pname}", getattr(layer, pname)))
+            for kind, p in (("lora_A", layer.A), ("lora_E", layer.E), ("lora_B", layer.B)):
+                out.append((f"{name}.{kind}", p))
         return out
 
     def update_ipt(self) -> None:
@@ -354,13 +377,13 @@ class RankAllocator:
         pattern = {}
         for name, s in scores.items():
             drop = s <= threshold
-            self.layers[name].lora_E.data[drop, 0] = 0.0
+            self.layers[name].E.data[drop, 0] = 0.0
             pattern[name] = (~drop).tolist()
         return pattern
 
     def mask_using_rank_pattern(self, pattern: Mapping[str, list[bool]]) -> None:
         for name, keep in pattern.items():
-            self.layers[name].lora_E.data[~np.asarray(keep, dtype=bool), 0] = 0.0
+            self.layers[name].E.data[~np.asarray(keep, dtype=bool), 0] = 0.0
 
     def update_and_allocate(self, step: int) -> tuple[int | None, dict[str, list[bool]] | None]:
         """One allocation step with PEFT's phases; returns (budget, new rank pattern or None)."""
@@ -384,9 +407,9 @@ class RankAllocator:
 
 def simplified_importance(layer: SVDLinear) -> np.ndarray:
     """The lecture's simplified score |λᵢ|·|∂L/∂λᵢ| (a labelled comparison, not AdaLoRA)."""
-    if layer.lora_E.grad is None:
+    if layer.E.grad is None:
         raise ValueError("layer: lora_E has no gradient yet")
-    return np.abs(layer.lora_E.data[:, 0] * layer.lora_E.grad[:, 0])
+    return np.abs(layer.E.data[:, 0] * layer.E.grad[:, 0])
 
 
 def prune_to_rank_pattern(layer: SVDLinear, keep: list[bool]) -> dict[str, np.ndarray]:
@@ -395,7 +418,7 @@ def prune_to_rank_pattern(layer: SVDLinear, keep: list[bool]) -> dict[str, np.nd
     if idx.shape != (layer.r,):
         raise ValueError(f"keep: expected {layer.r} booleans, got {idx.shape}")
     return {
-        "lora_A": layer.lora_A.data[idx],
-        "lora_E": layer.lora_E.data[idx],
-        "lora_B": layer.lora_B.data[:, idx],
+        "lora_A": layer.A.data[idx],
+        "lora_E": layer.E.data[idx],
+        "lora_B": layer.B.data[:, idx],
     }

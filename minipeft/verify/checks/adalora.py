@@ -85,11 +85,11 @@ def _importance() -> Outcome:
     with dtype_policy("float64"):
         layer = adalora.SVDLinear(Linear(3, 2), r=2, lora_alpha=8)
     alloc = adalora.RankAllocator({"m": layer}, cfg)
-    layer.lora_E.data[:] = [[0.5], [-2.0]]
-    layer.lora_E.grad = np.array([[3.0], [0.25]])
-    for p in (layer.lora_A, layer.lora_B):
+    layer.E.data[:] = [[0.5], [-2.0]]
+    layer.E.grad = np.array([[3.0], [0.25]])
+    for p in (layer.A, layer.B):
         p.grad = np.ones_like(p.data)
-    const = np.abs(layer.lora_E.data * layer.lora_E.grad)
+    const = np.abs(layer.E.data * layer.E.grad)
     b1, b2, t = cfg.beta1, cfg.beta2, 12
     for _ in range(t):
         alloc.update_ipt()
