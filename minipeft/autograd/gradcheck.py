@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import backend
 from .tensor import Tensor, no_grad
 
 __all__ = ["GradcheckResult", "gradcheck", "numerical_grad", "rel_error"]
@@ -58,11 +59,37 @@ def _scalarize(out: Tensor, weights: np.ndarray | None) -> Tensor:
     return (out * Tensor(weights)).sum()
 
 
+def _contract(up: np.ndarray, down: np.ndarray, weights: np.ndarray | None) -> float:
+    """⟨w, f(x + εv) − f(x − εv)⟩, differencing entry by entry *before* summing.
+
+    Summing first would make every entry pay the rounding error of the whole sum,
+    u·Σ|wᵢfᵢ|/ε: an output holding −10⁹ (a masked_fill value) would drown every other
+    entry's difference. Entries that do not move cancel exactly here.
+    """
+    d = np.asarray(up, dtype=np.float64) - np.asarray(down, dtype=np.float64)
+    return float(d.sum()) if weights is None else float(np.sum(weights * d))
+
+
+def _value(f: Callable[..., Tensor], arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """f(*arrays) as a float64 copy: f may return a view of an input (reshape, getitem)
+    that the next perturbation would change under our feet."""
+    return np.array(backend.to_numpy(f(*[Tensor(a) for a in arrays]).data), dtype=np.float64)
+
+
 def numerical_grad(
-    f: Callable[..., Tensor], inputs: Sequence[np.ndarray], index: int, eps: float = 1e-6
+    f: Callable[..., Tensor],
+    inputs: Sequence[np.ndarray],
+    index: int,
+    eps: float = 1e-6,
+    weights: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Central-difference gradient of the scalar f(*inputs) w.r.t. ``inputs[index]``."""
-    xs = [np.array(x, dtype=np.float64, copy=True) for x in inputs]
+    """Central-difference gradient of the scalar f(*inputs) w.r.t. ``inputs[index]``.
+
+    With ``weights`` w, f may return any shape and the gradient of ⟨w, f⟩ is returned.
+    """
+    # C order: x.reshape(-1) below must be a view, or the perturbation would be lost (a
+    # Fortran-ordered or strided input would give a zero numerical gradient)
+    xs = [np.array(x, dtype=np.float64, copy=True, order="C") for x in inputs]
     x = xs[index]
     grad = np.zeros_like(x)
     flat, gflat = x.reshape(-1), grad.reshape(-1)
@@ -70,11 +97,12 @@ def numerical_grad(
         for k in range(flat.size):
             old = flat[k]
             flat[k] = old + eps
-            up = float(f(*[Tensor(a) for a in xs]).data)
+            up = _value(f, xs)
             flat[k] = old - eps
-            down = float(f(*[Tensor(a) for a in xs]).data)
+            down = _value(f, xs)
             flat[k] = old
-            gflat[k] = (up - down) / (2 * eps)
+            # ∂L/∂x_k ≈ (L(x + ε e_k) − L(x − ε e_k)) / 2ε
+            gflat[k] = _contract(up, down, weights) / (2 * eps)
     return grad
 
 
@@ -95,7 +123,7 @@ def gradcheck(
     checked: entry by entry when the total size is at most ``full_max_size``, otherwise
     along ``n_directions`` random unit directions.
     """
-    arrays = [np.array(x, copy=True) for x in inputs]
+    arrays = [np.array(x, copy=True, order="C") for x in inputs]
     for i, a in enumerate(arrays):
         if a.dtype.kind == "f":
             arrays[i] = a.astype(np.float64)
@@ -124,7 +152,7 @@ def gradcheck(
     errors = []
     if total <= full_max_size:
         for i, g in zip(wrt, analytic):
-            num = numerical_grad(scalar_f, arrays, i, eps)
+            num = numerical_grad(f, arrays, i, eps, weights=weights)
             # An entry far smaller than the gradient's largest carries the finite-difference
             # rounding error of the largest (≈ u·|L|/ε), so it is judged against a floor of
             # 10⁻³ of the gradient's scale rather than against its own tiny magnitude.
@@ -142,10 +170,11 @@ def gradcheck(
                 with no_grad():
                     shifted = list(arrays)
                     shifted[i] = arrays[i] + eps * v
-                    up = float(scalar_f(*[Tensor(a) for a in shifted]).data)
+                    up = _value(f, shifted)
                     shifted[i] = arrays[i] - eps * v
-                    down = float(scalar_f(*[Tensor(a) for a in shifted]).data)
-                fd = (up - down) / (2 * eps)
+                    down = _value(f, shifted)
+                # ⟨∇L, v⟩ ≈ (L(x + εv) − L(x − εv)) / 2ε
+                fd = _contract(up, down, weights) / (2 * eps)
                 an = float(np.sum(g * v))
                 worst = max(worst, abs(an - fd) / max(abs(an), abs(fd), 1e-8))
             errors.append(worst)
