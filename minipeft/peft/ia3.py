@@ -133,6 +133,7 @@ class IA3Layer(Module):
     ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.fan_in_fan_out = base_layout(base, fan_in_fan_out)
+        base.requires_grad_(False)  # the base layer is frozen: the point of PEFT
         self.base_layer = base
         self.adapter_name = name
         self.is_feedforward = bool(is_feedforward)

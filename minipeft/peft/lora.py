@@ -290,6 +290,7 @@ class LoraLayer(Module):
     def __init__(self, base: Module, fan_in_fan_out: bool | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features, self.fan_in_fan_out = base_layout(base, fan_in_fan_out)
+        base.requires_grad_(False)  # the base layer is frozen: the point of PEFT
         self.base_layer = base
         self.lora_A = _AdapterDict()
         self.lora_B = _AdapterDict()

@@ -163,6 +163,7 @@ class VeraLayer(Module):
             )
         if not 0.0 <= vera_dropout < 1.0:
             raise ValueError(f"vera_dropout: expected a probability in [0, 1), got {vera_dropout}")
+        base.requires_grad_(False)  # the base layer is frozen: the point of PEFT
         self.base_layer = base
         object.__setattr__(self, "shared", shared)
         self.adapter_name, self.r, self.vera_dropout = name, int(r), float(vera_dropout)
