@@ -114,6 +114,7 @@ def dora_delta(
 ) -> Tensor:
     """DoRA's addition to the base output (see ``DoraFunction``).
 
+    [dora.forward]  H = X·W₀ᵀ + b + Δ = b + (m/n) ⊙ X·(W₀ + s·B·A)ᵀ   (no dropout)
     [dora.grad_m] [dora.grad_A] [dora.grad_B] [dora.grad_X] are computed by its backward.
     """
     out_f = w0.shape[1] if fan_in_fan_out else w0.shape[0]

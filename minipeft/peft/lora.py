@@ -45,7 +45,7 @@ __all__ = [
 
 # ------------------------------------------------------------------------------ scaling
 def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
-    """s = α/r (Hu et al., 2021), or s = α/√r with rsLoRA (Kalajdzievski, 2023).  [lora.scaling]"""
+    """s = α/r (Hu et al., 2021), or s = α/√r with rsLoRA (Kalajdzievski, 2023)."""
     if not isinstance(r, int | np.integer) or r <= 0:
         raise ValueError(f"r: expected a positive integer rank, got {r!r}")
     return float(alpha) / math.sqrt(r) if use_rslora else float(alpha) / r
