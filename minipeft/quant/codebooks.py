@@ -41,6 +41,7 @@ __all__ = [
     "get_codebook",
     "int4_codebook",
     "lecture_quantile_codebook",
+    "nearest_code",
     "nf4_codebook",
     "sorted_levels",
 ]
@@ -286,3 +287,25 @@ def decision_boundaries(code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if code.size <= 256:
         order = order.astype(np.uint8)
     return order, mids.astype(np.float32)
+
+
+def nearest_code(scaled: np.ndarray, code: np.ndarray, *, exact: bool = False) -> np.ndarray:
+    """Code of the nearest level for each scaled value; on a tie, the lower level.
+
+    ``exact=False``: the decision boundaries are the float32 midpoints of
+    :func:`decision_boundaries` (bitsandbytes' 4-bit CPU rule). ``exact=True``: the exact
+    midpoints (a + b)/2, held in float64 where they are exact for float32 levels, so the
+    result is the exactly nearest level (used for the 8-bit constants of double
+    quantization). The two differ only for a value lying exactly on a float32 midpoint
+    that rounding moved. Returns uint8 codes of the same shape.
+    """
+    order, mids = decision_boundaries(code)
+    s = np.asarray(scaled)
+    if exact:
+        srt = np.asarray(code, dtype=np.float64)[order]
+        mids64 = (srt[:-1] + srt[1:]) / 2.0  # exact for float32 levels
+        bucket = np.searchsorted(mids64, s.astype(np.float64), side="left")
+    else:
+        # bucket k = #{m : m < s}: s ≤ m_k stays in bucket k (ties to the lower level)
+        bucket = np.searchsorted(mids, s.astype(np.float32), side="left")
+    return order[bucket].astype(np.uint8)
