@@ -136,3 +136,21 @@ def test_peft_model_trains_and_merges_on_gpt2():
     merged = model.merge_and_unload()
     np.testing.assert_allclose(merged(ids).data, y, atol=1e-5)
     assert type(merged.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+
+
+def test_loraplus_groups_give_b_the_larger_rate_errata_10():
+    from minipeft.optim import AdamW
+    from minipeft.peft import loraplus_param_groups
+
+    model = get_peft_model(_gpt2(), LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    groups = loraplus_param_groups(model, lr=1e-3, loraplus_lr_ratio=16)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(".lora_A." in names[id(p)] for p in groups[0]["params"])
+    assert all(".lora_B." in names[id(p)] for p in groups[1]["params"])
+    assert groups[1]["lr"] == 16 * groups[0]["lr"]
+    opt = AdamW(groups)
+    loss = model.get_base_model().loss(np.array([[1, 2, 3, 4]]))
+    loss.backward()
+    opt.step()  # B moves from 0 by ≈ η_B per entry (Adam's first step is ±η)
+    b = next(p for p in groups[1]["params"])
+    assert np.isclose(np.abs(b.data).max(), 16e-3, rtol=1e-3)

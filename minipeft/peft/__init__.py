@@ -4,12 +4,19 @@ from .config import IA3Config, LoraConfig, PeftConfig, VeraConfig, config_from_d
 from .dora import dora_delta, dora_merged_weight, dora_weight_norm
 from .ia3 import IA3Layer, apply_bitfit, ia3_linear
 from .inject import PeftModel, count_parameters, get_peft_model
-from .lora import LoraLayer, lora_linear, lora_scaling, olora_init, pissa_init
+from .lora import (
+    LoraLayer,
+    lora_linear,
+    lora_scaling,
+    loraplus_param_groups,
+    olora_init,
+    pissa_init,
+)
 from .vera import VeraLayer, vera_linear
 
 __all__ = [
     "IA3Config", "IA3Layer", "LoraConfig", "LoraLayer", "PeftConfig", "PeftModel", "VeraConfig",
     "VeraLayer", "apply_bitfit", "config_from_dict", "count_parameters", "dora_delta",
     "dora_merged_weight", "dora_weight_norm", "get_peft_model", "ia3_linear", "lora_linear",
-    "lora_scaling", "olora_init", "pissa_init", "vera_linear",
+    "lora_scaling", "loraplus_param_groups", "olora_init", "pissa_init", "vera_linear",
 ]  # fmt: skip

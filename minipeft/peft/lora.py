@@ -38,6 +38,7 @@ __all__ = [
     "LoraLayer",
     "lora_linear",
     "lora_scaling",
+    "loraplus_param_groups",
     "olora_init",
     "pissa_init",
 ]
@@ -505,3 +506,28 @@ class LoraLayer(Module):
     def extra_repr(self) -> str:
         ads = ", ".join(f"{n}: r={r}, s={self.scaling[n]:g}" for n, r in self.r.items())
         return f"in={self.in_features}, out={self.out_features}, adapters=[{ads}]"
+
+
+def loraplus_param_groups(
+    model: Module, lr: float, loraplus_lr_ratio: float = 16.0, weight_decay: float = 0.0
+) -> list[dict[str, Any]]:
+    """LoRA+ (Hayou et al., 2024) as optimizer parameter groups: η_B = λ·η_A (ERRATA 10).
+
+    Every trainable ``lora_B`` matrix goes to a group with rate ``lr·loraplus_lr_ratio``;
+    every other trainable parameter (the A matrices, DoRA magnitudes, …) keeps ``lr`` — as
+    HF PEFT's ``create_loraplus_optimizer``. Pass the result to ``minipeft.optim.AdamW``.
+    """
+    if not loraplus_lr_ratio > 0:
+        raise ValueError(f"loraplus_lr_ratio: expected a positive number, got {loraplus_lr_ratio}")
+    group_a: list[Parameter] = []
+    group_b: list[Parameter] = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (group_b if ".lora_B." in f".{name}" else group_a).append(p)
+    if not group_b:
+        raise ValueError("model: has no trainable lora_B parameter; is it a LoRA model?")
+    return [
+        {"params": group_a, "lr": float(lr), "weight_decay": weight_decay},
+        {"params": group_b, "lr": float(lr) * loraplus_lr_ratio, "weight_decay": weight_decay},
+    ]
