@@ -19,9 +19,8 @@ def test_lexicon_splits_are_fixed_disjoint_and_labelled_by_the_raters():
         assert ((split.ratings > 0) == (split.labels == 1)).all()
         assert (abs(split.ratings) >= 0.5).all()
     # entries the raters scored clearly: spot-check the source, not our code
-    test = dict(zip(task["train"].texts + task["validation"].texts + task["test"].texts,
-                    [*task["train"].ratings, *task["validation"].ratings, *task["test"].ratings]))  # fmt: skip
-    assert test["dissatisfied"] == -1.6 and test["masterpieces"] > 0
+    rating = {t: r for split in task.values() for t, r in zip(split.texts, split.ratings)}
+    assert rating["dissatisfied"] == -1.6 and rating["masterpieces"] > 0
     assert sentiment_lexicon_task()["test"].texts == task["test"].texts  # deterministic
 
 
