@@ -230,7 +230,7 @@ class Sigmoid(Function):
 
     With e = e^{−|x|}: y = 1/(1 + e) for x ≥ 0, e/(1 + e) for x < 0, and
     y(1 − y) = e/(1 + e)². Neither overflows, and neither loses relative accuracy in a
-    tail (½(1 + tanh(x/2)) returns σ(−30) with a 6·10⁻⁴ relative error, 1 − y is 0 for x > 37).
+    tail (½(1 + tanh(x/2)) returns σ(−30) with a 1.7·10⁻⁴ relative error; 1 − y is 0 for x ≳ 37).
     """
 
     def forward(self, x: Array) -> Array:
@@ -267,7 +267,8 @@ class Gelu(Function):
 
     Evaluated through s = ½(1 + t) = σ(2u), so that ½(1 − t²) = 2s(1 − s):
     y = x·s,  x̄ = ḡ ⊙ [s + 2x·s(1 − s)·u'].  The same function, but 1 + t cancels for
-    x ≪ 0 (GELU(−5) lost ~10⁻¹¹ relative accuracy per ulp of t); σ(2u) does not.
+    x ≪ 0: relative error 2.8·10⁻¹⁰ at x = −5, 2.7·10⁻⁷ at −6, 100 % at −8 (0 returned);
+    σ(2u) keeps ~10⁻¹⁵.
     """
 
     def forward(self, x: Array) -> Array:

@@ -144,6 +144,7 @@ class Tensor:
     # ------------------------------------------------------------------ backward
     def backward(self, grad: Any = None) -> None:
         """Accumulate d(self)/d(leaf) into every leaf's ``.grad`` that requires one.
+        [autograd.backward]
 
         ``grad`` is the upstream gradient ḡ (defaults to 1 for a scalar). The graph is
         walked in reverse topological order; each Function receives the sum of all
@@ -415,6 +416,8 @@ class Function:
         # Under no_grad nothing needs a gradient, so forward saves nothing for backward.
         fn.needs_input_grad = tuple(_GRAD_ENABLED and t.requires_grad for t in tensors)
         out = fn.forward(*(t.data for t in tensors), **params)
+        if isinstance(out, np.generic):  # NumPy reductions return scalars; keep arrays
+            out = np.asarray(out)
         record = any(fn.needs_input_grad)
         result = Tensor.__new__(Tensor)
         result.data = out
