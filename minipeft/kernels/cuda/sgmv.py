@@ -12,26 +12,16 @@ sees a device. The source is compiled by NVRTC through ``cupy.RawModule`` on fir
 
 from __future__ import annotations
 
-from functools import cache
-from pathlib import Path
-from typing import Any
-
 from ...backend import Array
+from . import load_module, source_path
 
 __all__ = ["SOURCE", "sgmv_lora_delta_cuda"]
 
 #: the CUDA source file next to this module
-SOURCE = Path(__file__).with_name("sgmv.cu")
+SOURCE = source_path("sgmv")
 
 _THREADS_SHRINK = 128  # four warps per row: ranks k, k+4, … per warp
 _THREADS_EXPAND = 256
-
-
-@cache
-def _module() -> Any:
-    import cupy
-
-    return cupy.RawModule(code=SOURCE.read_text(), options=("--std=c++17",))
 
 
 def sgmv_lora_delta_cuda(
@@ -68,7 +58,7 @@ def sgmv_lora_delta_cuda(
     if n_rows == 0 or r_max == 0:
         return out
     v = cupy.zeros((n_rows, r_max), dtype=dtype)  # (N, r_max)
-    mod = _module()
+    mod = load_module("sgmv")  # cupy.RawModule, compiled once by NVRTC
     shrink = mod.get_function(f"sgmv_shrink_{suffix}")
     expand = mod.get_function(f"sgmv_expand_{suffix}")
     i32 = cupy.int32
