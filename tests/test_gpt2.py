@@ -18,7 +18,7 @@ import minipeft
 from minipeft.autograd import Tensor
 from minipeft.models import GPT2, CheckpointError, GPT2Config
 from minipeft.models import io as mio
-from minipeft.nn.conv1d import Conv1D
+from minipeft.nn.conv1d import Conv1D, conv1d
 
 TINY = dict(
     vocab_size=61, n_positions=24, n_embd=16, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
@@ -190,6 +190,22 @@ def test_conv1d_is_x_times_w_plus_b():
     np.testing.assert_allclose(layer(Tensor(x)).data, want, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="expected last dimension 3"):
         layer(Tensor(np.ones((2, 4))))
+
+
+def test_conv1d_frozen_weight_gets_no_gradient_and_bad_shapes():
+    rng = np.random.default_rng(1)
+    x = Tensor(rng.standard_normal((2, 3)), requires_grad=True)
+    w, b = Tensor(rng.standard_normal((3, 4))), Tensor(np.zeros(4), requires_grad=True)
+    y = conv1d(x, w, b)
+    assert y.shape == (2, 4)
+    y.backward(np.ones((2, 4)))
+    assert w.grad is None
+    np.testing.assert_allclose(x.grad, np.ones((2, 4)) @ w.data.T, rtol=1e-12)  # X̄ = Ḡ·Wᵀ
+    np.testing.assert_array_equal(b.grad, [2.0] * 4)  # b̄ = Σₙ Ḡₙ
+    with pytest.raises(ValueError, match="bias: expected shape"):
+        conv1d(x, w, Tensor(np.zeros(3)))
+    with pytest.raises(TypeError, match="share a dtype"):
+        conv1d(x, w.astype(np.float32), b)
 
 
 # ---------------------------------------------------------------------------- files

@@ -345,6 +345,9 @@ class GPT2(Module):
     ) -> Tensor:
         """Logits (B, T, vocab) for ``input_ids`` (B, T) ints or ``inputs_embeds`` (B, T, C).
 
+        Tied head: Z = ln_f(H)·Eᵀ with E = ``wte.weight`` itself, so its gradient is the sum
+        of both uses, Ē = Z̄ᵀ·Ĥ + scatter_add(ids, H̄⁰).   [gpt2.tied_grad]
+
         attention_mask: (B, T), 1/True for real tokens and 0/False for padding. Real tokens
             never attend to padded keys; a padded position attends to itself, so its
             (meaningless) logits stay finite — exclude it from the loss (label −100).
@@ -386,7 +389,10 @@ class GPT2(Module):
         past_prefix: Sequence[tuple[Tensor, Tensor]] | None = None,
         position_ids: Any = None,
     ) -> Tensor:
-        """Mean next-token cross-entropy: position t predicts ``labels[:, t + 1]``.
+        """Mean next-token cross-entropy: position t predicts ``labels[:, t + 1]``.   [gpt2.lm_loss]
+
+        L = (1/|𝒱|) Σ_{(b,t)∈𝒱} [logsumexp(Z_{b,t}) − Z_{b,t,y_{b,t+1}}],
+        𝒱 = {(b, t): t ≤ T − 2, y_{b,t+1} ≠ −100}.
 
         ``labels`` (B, T) ints, default ``input_ids``; entries equal to −100 are ignored
         (HF's convention: the labels are given unshifted and shifted here). Equivalent to

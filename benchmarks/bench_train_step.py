@@ -1,0 +1,227 @@
+"""One full GPT-2 training step: minipeft (NumPy) vs PyTorch CPU eager, one thread each.
+
+The step, identical on both sides: zero the gradients, forward, next-token cross-entropy
+(labels = inputs, shifted inside the loss), backward, one AdamW update of every parameter
+(lr 1e-4, PyTorch's defaults otherwise; ``minipeft.optim.AdamW`` vs ``torch.optim.AdamW``).
+
+Model: GPT-2 with 4 layers, n_embd 256, 4 heads, vocab 512, n_positions 128; batch 8 of
+T = 128 tokens; float32; dropout off (p = 0) so both sides do the same arithmetic. The
+PyTorch side is transformers' ``GPT2LMHeadModel`` (default attention implementation,
+``sdpa``) loaded from the checkpoint minipeft writes, so the weights are the same; the
+first step's losses are printed side by side as a check.
+
+Threads: OMP/OpenBLAS/MKL set to 1 before NumPy is imported, ``torch.set_num_threads(1)``.
+Timing: ``--warmup`` steps, then the median (and min/max) of ``--repeats`` steps.
+
+    python benchmarks/bench_train_step.py                 # timing table
+    python benchmarks/bench_train_step.py --memory        # + peak RSS, one process per side
+    python benchmarks/bench_train_step.py --profile       # cProfile of the minipeft step
+
+Peak memory (``--memory``): each side runs alone in a fresh process; we report its peak
+resident set size (``resource.getrusage``, ru_maxrss) minus the resident size right after
+its imports, i.e. the memory taken by the model, optimizer state and one step's graph.
+tracemalloc cannot see PyTorch's allocator, so this is the one measure both sides share.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    os.environ[_var] = "1"
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+CONFIG = dict(
+    vocab_size=512,
+    n_positions=128,
+    n_embd=256,
+    n_layer=4,
+    n_head=4,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
+    bos_token_id=0,
+    eos_token_id=0,
+)
+BATCH, SEQ, LR = 8, 128, 1e-4
+
+
+def _rss_mb() -> float:
+    """Current resident set size in MiB (Linux /proc)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def make_checkpoint(directory: str) -> np.ndarray:
+    """Write a random GPT-2 checkpoint with minipeft; return the token batch."""
+    import minipeft
+    from minipeft.models import GPT2, GPT2Config
+
+    minipeft.seed(0)
+    GPT2(GPT2Config(**CONFIG)).save_pretrained(directory)
+    return np.random.default_rng(0).integers(0, CONFIG["vocab_size"], size=(BATCH, SEQ))
+
+
+def minipeft_stepper(directory: str, ids: np.ndarray):
+    from minipeft.models import GPT2
+    from minipeft.optim import AdamW
+
+    model = GPT2.from_pretrained(directory).train()
+    opt = AdamW(model.parameters(), lr=LR)
+
+    def step() -> float:
+        opt.zero_grad()
+        loss = model.loss(ids)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return step
+
+
+def torch_stepper(directory: str, ids: np.ndarray):
+    import torch
+    import transformers
+
+    torch.set_num_threads(1)
+    transformers.logging.set_verbosity_error()
+    model = transformers.GPT2LMHeadModel.from_pretrained(directory).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    tids = torch.from_numpy(ids)
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        loss = model(tids, labels=tids).loss
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return step
+
+
+def time_steps(step, warmup: int, repeats: int) -> tuple[float, list[float]]:
+    first = step()
+    for _ in range(warmup - 1):
+        step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return first, times
+
+
+def run_memory_side(side: str, directory: str) -> dict:
+    """In a fresh process: peak RSS of building the model + optimizer and 2 steps."""
+    ids = np.random.default_rng(0).integers(0, CONFIG["vocab_size"], size=(BATCH, SEQ))
+    if side == "torch":
+        import torch  # noqa: F401  (imports counted in the baseline)
+        import transformers  # noqa: F401
+    else:
+        import minipeft
+        import minipeft.optim  # noqa: F401
+    base = _rss_mb()
+    step = (torch_stepper if side == "torch" else minipeft_stepper)(directory, ids)
+    step()
+    step()
+    return {"side": side, "baseline_mb": base, "peak_mb": _peak_mb()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--memory", action="store_true", help="also measure peak RSS per side")
+    ap.add_argument("--profile", action="store_true", help="cProfile one minipeft step")
+    ap.add_argument("--memory-side", choices=["minipeft", "torch"], help=argparse.SUPPRESS)
+    ap.add_argument("--dir", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_side:
+        print(json.dumps(run_memory_side(args.memory_side, args.dir)))
+        return 0
+
+    with tempfile.TemporaryDirectory() as d:
+        ids = make_checkpoint(d)
+        mp_step = minipeft_stepper(d, ids)
+        if args.profile:
+            import cProfile
+            import pstats
+
+            for _ in range(args.warmup):
+                mp_step()
+            prof = cProfile.Profile()
+            prof.enable()
+            mp_step()
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+            return 0
+        mp_first, mp_times = time_steps(mp_step, args.warmup, args.repeats)
+        try:
+            th_step = torch_stepper(d, ids)
+        except ImportError as exc:
+            print(f"PyTorch/transformers unavailable ({exc}); minipeft only")
+            th_step = None
+        if th_step is not None:
+            th_first, th_times = time_steps(th_step, args.warmup, args.repeats)
+        mem = {}
+        if args.memory:
+            for side in ("minipeft", "torch") if th_step else ("minipeft",):
+                out = subprocess.run(
+                    [sys.executable, __file__, "--memory-side", side, "--dir", d],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout
+                mem[side] = json.loads(out.strip().splitlines()[-1])
+
+    shape = f"GPT-2 L={CONFIG['n_layer']} d={CONFIG['n_embd']} H={CONFIG['n_head']} "
+    shape += f"V={CONFIG['vocab_size']}, batch {BATCH}×{SEQ}, float32, 1 thread"
+    print(f"training step (fwd + loss + bwd + AdamW): {shape}")
+    print(f"warm-up {args.warmup}, median of {args.repeats}")
+    rows = [("side", "median s", "min s", "max s", "first loss", "peak MiB")]
+
+    def row(name: str, first: float, times: list[float]) -> tuple[str, ...]:
+        m = mem.get(name)
+        peak = f"{m['peak_mb'] - m['baseline_mb']:.0f}" if m else "-"
+        return (
+            name,
+            f"{statistics.median(times):.4f}",
+            f"{min(times):.4f}",
+            f"{max(times):.4f}",
+            f"{first:.6f}",
+            peak,
+        )
+
+    rows.append(row("minipeft", mp_first, mp_times))
+    if th_step is not None:
+        rows.append(row("torch", th_first, th_times))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    if th_step is not None:
+        ratio = statistics.median(mp_times) / statistics.median(th_times)
+        print(f"ratio minipeft/torch (median step time): {ratio:.2f}")
+    if mem:
+        print("peak MiB = peak RSS − RSS after imports, each side alone in a fresh process")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
