@@ -117,6 +117,7 @@ def gradcheck(
     seed: int = 0,
 ) -> GradcheckResult:
     """Compare ``backward`` with central differences; return the max relative error.
+    [autograd.gradcheck]
 
     ``f`` takes Tensors (one per entry of ``inputs``) and returns a Tensor. Inputs are
     converted to float64; those listed in ``wrt`` (default: all floating inputs) are
