@@ -228,6 +228,13 @@ def test_bad_n_levels(n, exc, match):
         lloyd_max_samples(np.arange(10.0), n)
 
 
+def test_bad_tolerance():
+    with pytest.raises(ValueError, match="tol"):
+        lloyd_max_gaussian(4, tol=1e-17)
+    with pytest.raises(ValueError, match="tol"):
+        lloyd_max_gaussian(4, tol=-1.0)
+
+
 def test_bad_levels():
     with pytest.raises(ValueError, match="increasing"):
         gaussian_quantizer_mse([1.0, 0.0])

@@ -230,8 +230,8 @@ def lloyd_max_gaussian(n_levels: int, *, tol: float = 1e-12, max_iter: int = 10_
     For σ ≠ 1 scale levels and thresholds by σ and the MSE by σ².
     """
     n = _check_n_levels(n_levels)
-    if not (isinstance(tol, float | int) and tol > 0):
-        raise ValueError(f"tol: expected a positive number, got {tol!r}")
+    if not (isinstance(tol, float | int) and tol >= 1e-14):
+        raise ValueError(f"tol: expected a number ≥ 1e-14 (the float64 floor), got {tol!r}")
     # start: centroids of the equal-probability (quantile) bins
     edges = special.ndtri(np.arange(n + 1) / n)  # Φ⁻¹(k/n), ±∞ at the ends
     y = truncated_gaussian_mean(edges[:-1], edges[1:])
