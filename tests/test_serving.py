@@ -278,3 +278,22 @@ def test_peft_adapter_names_matches():
         layer.base_layer.bias.detach().numpy(),
     )
     np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["numpy", "numba"])
+def test_non_contiguous_inputs_and_out_accumulation(impl):
+    """x as a strided view, ids as a reversed view; `out` is accumulated into in place."""
+    rng = np.random.default_rng(7)
+    adapters = [(rng.standard_normal((3, 5)), rng.standard_normal((4, 3)), 0.8) for _ in range(2)]
+    stack = stack_adapters(adapters)
+    x = rng.standard_normal((10, 10))[:, ::2]  # (10, 5), not contiguous
+    ids = rng.integers(-1, 2, 20)[::-2]  # (10,), negative stride
+    base = rng.standard_normal((10, 4))
+    out = base.copy()
+    res = lora_mixed_delta(x, stack, ids, impl=impl, out=out)
+    assert res is not None and np.shares_memory(res, out)
+    assert_close(out - base, dense_expected(x, adapters, ids), np.float64)
+    with pytest.raises(ValueError, match="out"):
+        lora_mixed_delta(x, stack, ids, impl=impl, out=np.zeros((10, 8))[:, ::2])
+    with pytest.raises(ValueError, match="out"):
+        lora_mixed_delta(x, stack, ids, impl=impl, out=np.zeros((10, 3)))
