@@ -214,3 +214,24 @@ def test_save_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         ours.save_pretrained(tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_logits_cli_with_adapter(hf_base, tmp_path):
+    """python -m minipeft logits --model DIR --adapter DIR gives HF PEFT's logits."""
+    import peft
+
+    from minipeft.__main__ import main
+
+    hf = peft.get_peft_model(_hf_model(hf_base), _hf_configs()["dora"])
+    hf.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "logits.npy"
+    ids = "1,2,3,4,5,6"
+    rc = main(["logits", "--model", str(hf_base), "--adapter", str(tmp_path / "adapter"),
+               "--ids", ids, "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    np.testing.assert_allclose(
+        np.load(out, allow_pickle=False), _hf_logits(hf)[0], atol=2e-5, rtol=1e-4
+    )
+    bad = main(["logits", "--model", str(hf_base), "--adapter", str(tmp_path / "nowhere"),
+                "--ids", ids, "--out", str(out)])  # fmt: skip
+    assert bad != 0

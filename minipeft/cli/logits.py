@@ -26,6 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "save the float32 logits, shape (T, vocab), with np.save.",
     )
     p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory")
+    p.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="optional PEFT adapter directory (adapter_config.json + adapter_model.safetensors, "
+        "as written by HF PEFT or minipeft) applied on top of the model",
+    )
     p.add_argument("--ids", required=True, help="comma-separated token ids, e.g. 464,3290,318")
     p.add_argument("--out", required=True, metavar="FILE", help="output .npy file")
     p.set_defaults(func=main)
@@ -44,11 +50,22 @@ def parse_ids(text: str) -> np.ndarray:
         ) from None
 
 
-def compute_logits(model_dir: str | Path, ids: np.ndarray) -> np.ndarray:
-    """Float32 logits (T, vocab) of the GPT-2 checkpoint in ``model_dir`` for ``ids`` (T,)."""
+def compute_logits(
+    model_dir: str | Path, ids: np.ndarray, adapter_dir: str | Path | None = None
+) -> np.ndarray:
+    """Float32 logits (T, vocab) of the GPT-2 checkpoint in ``model_dir`` for ``ids`` (T,).
+
+    With ``adapter_dir`` the PEFT adapter stored there (LoRA, DoRA, VeRA, IA3) wraps the
+    model first (``minipeft.peft.PeftModel.from_pretrained``).
+    """
     from ..models.gpt2 import GPT2
 
-    model = GPT2.from_pretrained(model_dir).eval()
+    model = GPT2.from_pretrained(model_dir)
+    if adapter_dir is not None:
+        from ..peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
     with no_grad():
         logits = model(ids[None, :])  # (1, T, V)
     return np.asarray(logits.numpy()[0], dtype=np.float32)  # (T, V)
@@ -67,7 +84,7 @@ def save_npy_atomic(path: str | Path, array: np.ndarray) -> Path:
 def main(args: argparse.Namespace) -> int:
     try:
         ids = parse_ids(args.ids)
-        logits = compute_logits(args.model, ids)
+        logits = compute_logits(args.model, ids, getattr(args, "adapter", None))
         out = save_npy_atomic(args.out, logits)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"minipeft logits: error: {exc}", file=sys.stderr)
