@@ -153,7 +153,7 @@ def create_normal_map(
 
 @functools.cache
 def nf4_codebook() -> np.ndarray:
-    """The NF4 table (16 float32 levels, sorted, code c ↦ level c). [qlora.nf4_codebook]"""
+    """The NF4 table (16 float32 levels, sorted, code c ↦ level c): ``create_normal_map()``."""
     return _frozen(create_normal_map())
 
 
