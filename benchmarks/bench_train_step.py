@@ -11,16 +11,20 @@ PyTorch side is transformers' ``GPT2LMHeadModel`` (default attention implementat
 first step's losses are printed side by side as a check.
 
 Threads: OMP/OpenBLAS/MKL set to 1 before NumPy is imported, ``torch.set_num_threads(1)``.
-Timing: ``--warmup`` steps, then the median (and min/max) of ``--repeats`` steps.
+Timing: ``--warmup`` steps, then the median (and min/max) of ``--repeats`` steps, the two
+sides alternating step by step (a load change on a shared machine hits both alike).
 
     python benchmarks/bench_train_step.py                 # timing table
     python benchmarks/bench_train_step.py --memory        # + peak RSS, one process per side
     python benchmarks/bench_train_step.py --profile       # cProfile of the minipeft step
 
-Peak memory (``--memory``): each side runs alone in a fresh process; we report its peak
-resident set size (``resource.getrusage``, ru_maxrss) minus the resident size right after
-its imports, i.e. the memory taken by the model, optimizer state and one step's graph.
-tracemalloc cannot see PyTorch's allocator, so this is the one measure both sides share.
+Peak memory (``--memory``, Linux): each side runs alone in a fresh process; after its
+imports the peak-RSS counter is reset (``/proc/self/clear_refs``), then the model and
+optimizer are built and two steps run; we report peak RSS (VmHWM) minus the RSS after the
+imports: model, optimizer state, one step's saved activations and temporaries, and
+whatever the allocators keep. tracemalloc cannot see PyTorch's allocator, so RSS is the
+one measure both sides share. (``ru_maxrss`` would not do: Linux carries it over from the
+parent process across fork/exec.)
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMB
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import resource  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -56,17 +59,23 @@ CONFIG = dict(
 BATCH, SEQ, LR = 8, 128, 1e-4
 
 
-def _rss_mb() -> float:
-    """Current resident set size in MiB (Linux /proc)."""
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS: now, VmHWM: peak) in MiB (Linux)."""
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
 
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def _reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux ≥ 4.0: write 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def make_checkpoint(directory: str) -> np.ndarray:
@@ -102,6 +111,7 @@ def torch_stepper(directory: str, ids: np.ndarray):
 
     torch.set_num_threads(1)
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     model = transformers.GPT2LMHeadModel.from_pretrained(directory).train()
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     tids = torch.from_numpy(ids)
@@ -116,32 +126,48 @@ def torch_stepper(directory: str, ids: np.ndarray):
     return step
 
 
-def time_steps(step, warmup: int, repeats: int) -> tuple[float, list[float]]:
-    first = step()
+def time_interleaved(steps: dict, warmup: int, repeats: int) -> tuple[dict, dict]:
+    """First-step losses and per-repeat times; the sides alternate step by step so that a
+    change in machine load during the run hits both alike."""
+    first = {name: step() for name, step in steps.items()}
     for _ in range(warmup - 1):
-        step()
-    times = []
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
     return first, times
 
 
 def run_memory_side(side: str, directory: str) -> dict:
     """In a fresh process: peak RSS of building the model + optimizer and 2 steps."""
     ids = np.random.default_rng(0).integers(0, CONFIG["vocab_size"], size=(BATCH, SEQ))
+    # everything each side imports lazily is imported before the baseline is read
     if side == "torch":
-        import torch  # noqa: F401  (imports counted in the baseline)
-        import transformers  # noqa: F401
+        import torch
+        import transformers
+
+        _ = (torch.optim.AdamW, transformers.GPT2LMHeadModel)
     else:
-        import minipeft
-        import minipeft.optim  # noqa: F401
-    base = _rss_mb()
+        import minipeft.models
+        import minipeft.optim
+
+        _ = (minipeft.models.GPT2, minipeft.optim.AdamW)
+    reset = _reset_peak()
+    base, peak_before = _status_mb("VmRSS"), _status_mb("VmHWM")
     step = (torch_stepper if side == "torch" else minipeft_stepper)(directory, ids)
     step()
     step()
-    return {"side": side, "baseline_mb": base, "peak_mb": _peak_mb()}
+    return {
+        "side": side,
+        "baseline_mb": base,
+        "peak_before_mb": peak_before,
+        "peak_mb": _status_mb("VmHWM"),
+        "peak_reset": reset,
+    }
 
 
 def main() -> int:
@@ -172,17 +198,15 @@ def main() -> int:
             prof.disable()
             pstats.Stats(prof).sort_stats("tottime").print_stats(25)
             return 0
-        mp_first, mp_times = time_steps(mp_step, args.warmup, args.repeats)
+        steps = {"minipeft": mp_step}
         try:
-            th_step = torch_stepper(d, ids)
+            steps["torch"] = torch_stepper(d, ids)
         except ImportError as exc:
             print(f"PyTorch/transformers unavailable ({exc}); minipeft only")
-            th_step = None
-        if th_step is not None:
-            th_first, th_times = time_steps(th_step, args.warmup, args.repeats)
+        first, times = time_interleaved(steps, args.warmup, args.repeats)
         mem = {}
         if args.memory:
-            for side in ("minipeft", "torch") if th_step else ("minipeft",):
+            for side in steps:
                 out = subprocess.run(
                     [sys.executable, __file__, "--memory-side", side, "--dir", d],
                     check=True,
@@ -197,26 +221,23 @@ def main() -> int:
     print(f"warm-up {args.warmup}, median of {args.repeats}")
     rows = [("side", "median s", "min s", "max s", "first loss", "peak MiB")]
 
-    def row(name: str, first: float, times: list[float]) -> tuple[str, ...]:
+    for name in steps:
         m = mem.get(name)
-        peak = f"{m['peak_mb'] - m['baseline_mb']:.0f}" if m else "-"
-        return (
-            name,
-            f"{statistics.median(times):.4f}",
-            f"{min(times):.4f}",
-            f"{max(times):.4f}",
-            f"{first:.6f}",
-            peak,
-        )
-
-    rows.append(row("minipeft", mp_first, mp_times))
-    if th_step is not None:
-        rows.append(row("torch", th_first, th_times))
+        peak = "-"
+        if m:
+            peak = f"{m['peak_mb'] - m['baseline_mb']:.0f}"
+            if m["peak_mb"] <= m["peak_before_mb"]:
+                peak = "≤" + peak  # the imports' own peak was higher: an upper bound
+        t = times[name]
+        rows.append(
+            (name, f"{statistics.median(t):.4f}", f"{min(t):.4f}", f"{max(t):.4f}",
+             f"{first[name]:.6f}", peak)
+        )  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
-    if th_step is not None:
-        ratio = statistics.median(mp_times) / statistics.median(th_times)
+    if "torch" in steps:
+        ratio = statistics.median(times["minipeft"]) / statistics.median(times["torch"])
         print(f"ratio minipeft/torch (median step time): {ratio:.2f}")
     if mem:
         print("peak MiB = peak RSS − RSS after imports, each side alone in a fresh process")
