@@ -297,3 +297,37 @@ def test_non_contiguous_inputs_and_out_accumulation(impl):
         lora_mixed_delta(x, stack, ids, impl=impl, out=np.zeros((10, 8))[:, ::2])
     with pytest.raises(ValueError, match="out"):
         lora_mixed_delta(x, stack, ids, impl=impl, out=np.zeros((10, 3)))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_lora_layer_mixed_forward_matches_per_adapter_forward(kind):
+    """A LoraLayer (Linear or GPT-2 Conv1D base) over a mixed batch equals running each row
+    through the layer with that row's adapter active (or disabled for "__base__")."""
+    from minipeft.autograd.tensor import Tensor, no_grad
+    from minipeft.backend import dtype_policy
+    from minipeft.nn.conv1d import Conv1D
+    from minipeft.nn.layers import Linear
+    from minipeft.peft.lora import LoraLayer
+    from minipeft.peft.serving import lora_layer_mixed_forward
+
+    with dtype_policy("float64"):
+        base = Linear(6, 5) if kind == "linear" else Conv1D(6, 5)
+        layer = LoraLayer(base)
+        layer.add_adapter("t0", 2, 4.0, init_lora_weights=False)
+        layer.add_adapter("t1", 3, 3.0, init_lora_weights=False, use_rslora=True)
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((4, 3, 6))  # (B, T, in)
+    names = ["t1", "__base__", "t0", "t1"]
+    y = lora_layer_mixed_forward(layer, x, names)
+    want = np.empty((4, 3, 5))
+    with no_grad():
+        for b, n in enumerate(names):
+            if n == "__base__":
+                with layer.disable_adapters():
+                    want[b] = layer(Tensor(x[b])).data
+            else:
+                layer.set_adapter(n)
+                want[b] = layer(Tensor(x[b])).data
+    np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="adapter_names"):
+        lora_layer_mixed_forward(layer, x, ["t0", "nope", "t0", "t0"])

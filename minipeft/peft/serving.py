@@ -34,11 +34,15 @@ from ..backend import Array, xp_of
 
 __all__ = [
     "AdapterStack",
+    "lora_layer_mixed_forward",
     "lora_mixed_delta",
     "lora_mixed_delta_reference",
     "lora_mixed_forward",
     "stack_adapters",
 ]
+
+#: the adapter name that means "no adapter" in a mixed batch (as in HF PEFT)
+BASE_NAME = "__base__"
 
 _IMPLS = ("numpy", "numba", "cuda", "auto")
 
@@ -251,3 +255,45 @@ def lora_mixed_forward(
     if bias is not None:
         y += bias
     return lora_mixed_delta(x, stack, adapter_ids, impl=impl, out=y)
+
+
+def lora_layer_mixed_forward(layer: Any, x: Array, adapter_names: Sequence[str]) -> Array:
+    """A ``LoraLayer``'s forward over a mixed batch, HF PEFT's ``adapter_names`` semantics.
+
+    ``adapter_names`` gives one name per sequence (x (B, …, in)) or per row; ``"__base__"``
+    means no adapter. Inference only: no gradient, no dropout; the layer must not be merged
+    and the named adapters must be plain LoRA (DoRA's per-row norm does not split this way).
+    Returns an array (…, out).
+    """
+    from ..autograd.tensor import Tensor, no_grad
+
+    names = list(adapter_names)
+    if getattr(layer, "merged_adapters", None):
+        raise ValueError(
+            f"layer: adapters {layer.merged_adapters} are merged; unmerge before a mixed batch"
+        )
+    known = getattr(layer, "r", None)
+    if not isinstance(known, dict):
+        raise TypeError(f"layer: expected a LoraLayer, got {type(layer).__name__}")
+    used = sorted({n for n in names if n != BASE_NAME})
+    for n in used:
+        if n not in known:
+            raise ValueError(f"adapter_names: unknown adapter {n!r}; have {sorted(known)}")
+        if layer.use_dora.get(n, False):
+            raise ValueError(f"adapter_names: {n!r} is a DoRA adapter; mixed batches need LoRA")
+    x_arr = x.data if isinstance(x, Tensor) else x
+    with no_grad():
+        y = layer.base_layer(Tensor(x_arr)).data  # x·W₀ᵀ + b, in the base layer's own layout
+    if not used:
+        return y
+    index = {n: i for i, n in enumerate(used)}
+    ids = np.asarray([index.get(n, -1) for n in names], dtype=np.int64)
+    stack = stack_adapters(
+        [
+            (layer.lora_A[n].weight.data, layer.lora_B[n].weight.data, layer.scaling[n])
+            for n in used
+        ],
+        dtype=x_arr.dtype,
+    )
+    y = xp_of(y).ascontiguousarray(y)
+    return lora_mixed_delta(x_arr, stack, xp_of(x_arr).asarray(ids), out=y)
