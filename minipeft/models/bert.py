@@ -257,11 +257,16 @@ class BertSelfAttention(Module):
         self.value = Linear(c, c)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, h: Tensor, attn_mask: Any = None) -> Tensor:
+    def forward(
+        self, h: Tensor, attn_mask: Any = None, prefix: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
         n = self.num_attention_heads
         q = split_heads(self.query(h), n)  # (B, H, T, d)
         k = split_heads(self.key(h), n)  # (B, H, T, d)
         v = split_heads(self.value(h), n)  # (B, H, T, d)
+        if prefix is not None:  # prefix tuning / P-tuning v2: P virtual keys and values
+            k = ops.concat([prefix[0], k], axis=2)  # (B, H, P + T, d)
+            v = ops.concat([prefix[1], v], axis=2)  # (B, H, P + T, d)
         o = scaled_dot_product_attention(
             q, k, v, causal=False, attn_mask=attn_mask, dropout_p=self.dropout_p,
             training=self.training,
@@ -290,8 +295,10 @@ class BertAttention(Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, h: Tensor, attn_mask: Any = None) -> Tensor:
-        return self.output(self.self(h, attn_mask), h)
+    def forward(
+        self, h: Tensor, attn_mask: Any = None, prefix: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        return self.output(self.self(h, attn_mask, prefix), h)
 
 
 class BertIntermediate(Module):
@@ -328,8 +335,10 @@ class BertLayer(Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, h: Tensor, attn_mask: Any = None) -> Tensor:
-        a = self.attention(h, attn_mask)
+    def forward(
+        self, h: Tensor, attn_mask: Any = None, prefix: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        a = self.attention(h, attn_mask, prefix)
         return self.output(self.intermediate(a), a)
 
 
@@ -338,9 +347,14 @@ class BertEncoder(Module):
         super().__init__()
         self.layer = ModuleList([BertLayer(config) for _ in range(config.num_hidden_layers)])
 
-    def forward(self, h: Tensor, attn_mask: Any = None) -> Tensor:
-        for block in self.layer:
-            h = block(h, attn_mask)
+    def forward(
+        self,
+        h: Tensor,
+        attn_mask: Any = None,
+        past_prefix: Sequence[tuple[Tensor, Tensor]] | None = None,
+    ) -> Tensor:
+        for i, block in enumerate(self.layer):
+            h = block(h, attn_mask, None if past_prefix is None else past_prefix[i])
         return h
 
 
@@ -361,6 +375,14 @@ class BertModel(Module):
     ``attention_mask`` (B, T) is 1 for real tokens and 0 for padding: padding keys are
     hidden from every query (queries at padding positions still compute a row, which the
     pooling ignores). Every sequence must have at least one real token.
+
+    Hooks for PEFT methods: ``inputs_embeds`` (B, T, C) replaces the word embeddings
+    (prompt tuning prepends soft prompts; positions then run over prompt and text), and
+    ``past_prefix`` — one (k, v) pair per layer, each (B, H, P, head_dim) — prepends P
+    virtual keys/values to every layer's attention (prefix tuning, P-tuning v2). Prefix
+    keys are visible to every query and carry no position: the text keeps positions
+    0…T−1 (HF's BertModel would shift them to P…P+T−1 when given ``past_key_values``;
+    minipeft does not, so a prefix does not consume position embeddings).
     """
 
     def __init__(self, config: BertConfig, add_pooling_layer: bool = True) -> None:
@@ -378,6 +400,7 @@ class BertModel(Module):
         attention_mask: Any = None,
         token_type_ids: Any = None,
         inputs_embeds: Tensor | None = None,
+        past_prefix: Sequence[tuple[Tensor, Tensor]] | None = None,
     ) -> Tensor:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("input_ids / inputs_embeds: give exactly one of them")
@@ -406,8 +429,39 @@ class BertModel(Module):
                 rows = np.flatnonzero(~keep.any(axis=1)).tolist()
                 raise ValueError(f"attention_mask: rows {rows} have no token to attend to")
             attn_mask = keep[:, None, None, :]  # (B, 1, 1, T): key padding, all heads/queries
+        p = self._check_prefix(past_prefix, b)
+        if p and attn_mask is not None:
+            # the P prefix keys are visible to every query: (B, 1, 1, P + T)
+            attn_mask = np.concatenate([np.ones((b, 1, 1, p), dtype=bool), attn_mask], axis=-1)
         h = self.embeddings(ids, token_type_ids, inputs_embeds)
-        return self.encoder(h, attn_mask)  # (B, T, C)
+        return self.encoder(h, attn_mask, past_prefix)  # (B, T, C)
+
+    def _check_prefix(self, past_prefix: Any, b: int) -> int:
+        """Validate per-layer prefix keys/values (B, H, P, d); return P (0 when None)."""
+        if past_prefix is None:
+            return 0
+        cfg = self.config
+        if len(past_prefix) != cfg.num_hidden_layers:
+            raise ValueError(
+                f"past_prefix: expected {cfg.num_hidden_layers} (k, v) pairs (one per layer), "
+                f"got {len(past_prefix)}"
+            )
+        plen = None
+        for i, pair in enumerate(past_prefix):
+            if len(pair) != 2:
+                raise ValueError(f"past_prefix[{i}]: expected a (k, v) pair")
+            for name, tns in zip("kv", pair):
+                if not isinstance(tns, Tensor):
+                    raise TypeError(f"past_prefix[{i}].{name}: expected a Tensor")
+                s = tns.shape
+                want = (b, cfg.num_attention_heads, plen, cfg.head_dim)
+                if len(s) != 4 or s[:2] != want[:2] or s[3] != want[3] or plen not in (None, s[2]):
+                    raise ValueError(
+                        f"past_prefix[{i}].{name}: expected shape ({b}, {want[1]}, "
+                        f"{'P' if plen is None else plen}, {want[3]}), got {s}"
+                    )
+                plen = s[2]
+        return int(plen)
 
     # ------------------------------------------------------------------ files
     @classmethod
