@@ -331,3 +331,21 @@ def test_lora_layer_mixed_forward_matches_per_adapter_forward(kind):
     np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="adapter_names"):
         lora_layer_mixed_forward(layer, x, ["t0", "nope", "t0", "t0"])
+
+
+def test_numba_kernel_with_two_threads():
+    """Tiles run in parallel under prange; each tile owns its rows, so two threads agree."""
+    numba = pytest.importorskip("numba")
+    if numba.config.DISABLE_JIT or numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("Numba has fewer than two threads here (or JIT is disabled)")
+    rng = np.random.default_rng(9)
+    adapters = [(rng.standard_normal((r, 40)), rng.standard_normal((30, r)), 1.0) for r in (4, 7)]
+    x = rng.standard_normal((50, 40))
+    ids = rng.integers(-1, 2, 50)
+    old = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        got = lora_mixed_delta(x, stack_adapters(adapters), ids, impl="numba")
+    finally:
+        numba.set_num_threads(old)
+    assert_close(got, dense_expected(x, adapters, ids), np.float64)
