@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minipeft import backend
-from minipeft.autograd.gradcheck import gradcheck, numerical_grad, rel_error
+from minipeft.autograd.gradcheck import gradcheck, numerical_grad
 from minipeft.autograd.tensor import Tensor
 from minipeft.nn import Linear
 from minipeft.nn.conv1d import Conv1D
@@ -46,7 +46,8 @@ def test_dora_backward_matches_finite_differences_with_detached_norm(d_in, d_out
 
     for i, t in enumerate(ts):
         fd = numerical_grad(loss, inputs, i)
-        assert rel_error(t.grad, fd, atol=1e-7) < 1e-6
+        # judged against the gradient's scale: tiny entries carry O(1e-10) difference noise
+        assert np.abs(t.grad - fd).max() <= 1e-6 * max(1.0, np.abs(fd).max())
 
 
 def test_detaching_the_norm_changes_the_gradient_of_A_and_B_only():
