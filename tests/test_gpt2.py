@@ -387,6 +387,35 @@ def test_prefix_equals_cached_keys_and_values_of_a_prompt():
     assert model.transformer.wte.weight.grad is None
 
 
+def test_shared_prefix_broadcasts_over_the_batch_and_sums_its_gradient():
+    model = tiny_model(6, dtype="float64")
+    model.requires_grad_(False)
+    rng = np.random.default_rng(3)
+    shared = [tuple(rng.standard_normal((1, 4, 2, 4)) for _ in range(2)) for _ in range(2)]
+    ids = ids_batch(3, 5, seed=4)
+    one = [(Tensor(k, requires_grad=True), Tensor(v, requires_grad=True)) for k, v in shared]
+    tiled = [
+        (
+            Tensor(np.repeat(k, 3, 0), requires_grad=True),
+            Tensor(np.repeat(v, 3, 0), requires_grad=True),
+        )
+        for k, v in shared
+    ]
+    a, b = model.loss(ids, past_prefix=one), model.loss(ids, past_prefix=tiled)
+    np.testing.assert_allclose(a.item(), b.item(), rtol=1e-13)
+    a.backward()
+    b.backward()
+    for (k1, v1), (k3, v3) in zip(one, tiled):
+        np.testing.assert_allclose(k1.grad, k3.grad.sum(0, keepdims=True), rtol=1e-10, atol=1e-15)
+        np.testing.assert_allclose(v1.grad, v3.grad.sum(0, keepdims=True), rtol=1e-10, atol=1e-15)
+    with pytest.raises(ValueError, match=r"past_prefix\[0\]\.k: expected shape \(3 or 1, 4"):
+        bad = Tensor(np.zeros((2, 4, 2, 4)))
+        model(ids, past_prefix=[(bad, bad)] * 2)
+    with pytest.raises(TypeError, match="expected dtype float64"):
+        bad = Tensor(np.zeros((1, 4, 2, 4), np.float32))
+        model(ids, past_prefix=[(bad, bad)] * 2)
+
+
 def test_loss_is_shifted_cross_entropy_with_ignore_index():
     model = tiny_model()
     ids = ids_batch(2, 6)

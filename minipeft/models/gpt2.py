@@ -357,7 +357,7 @@ class GPT2(Module):
         """
         cfg = self.config
         x, b, t = self._embed_inputs(input_ids, inputs_embeds)
-        p = self._check_prefix(past_prefix, b)
+        p, prefix = self._check_prefix(past_prefix, b)
         if position_ids is None:
             if p + t > cfg.n_positions:
                 raise ValueError(
@@ -372,7 +372,7 @@ class GPT2(Module):
         x = self.transformer.drop(x)
         mask = self._attention_mask(attention_mask, b, t, p)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, mask, None if past_prefix is None else past_prefix[i])  # (B, T, C)
+            x = block(x, mask, None if prefix is None else prefix[i])  # (B, T, C)
         x = self.transformer.ln_f(x)  # (B, T, C)
         # logits = h·Eᵀ as one 2-D product (B·T, C)·(C, V)
         w = self.lm_head_weight
@@ -468,10 +468,16 @@ class GPT2(Module):
             )
         return x, b, t
 
-    def _check_prefix(self, past_prefix: Any, b: int) -> int:
-        """Validate the per-layer prefix keys/values; return the prefix length P (0 if none)."""
+    def _check_prefix(
+        self, past_prefix: Any, b: int
+    ) -> tuple[int, list[tuple[Tensor, Tensor]] | None]:
+        """Validate the per-layer prefix keys/values: (prefix length P, pairs as (B, H, P, d)).
+
+        A (1, H, P, d) prefix is shared by the batch: it is broadcast by adding zeros of
+        shape (B, 1, 1, 1), whose backward sums the gradient over the batch into it.
+        """
         if past_prefix is None:
-            return 0
+            return 0, None
         cfg = self.config
         if len(past_prefix) != cfg.n_layer:
             raise ValueError(
@@ -479,26 +485,38 @@ class GPT2(Module):
                 f"got {len(past_prefix)}"
             )
         plen = None
+        out = []
         for i, pair in enumerate(past_prefix):
             if len(pair) != 2:
                 raise ValueError(f"past_prefix[{i}]: expected a (k, v) pair")
+            expanded = []
             for name, tns in zip("kv", pair):
                 if not isinstance(tns, Tensor):
                     raise TypeError(f"past_prefix[{i}].{name}: expected a Tensor")
                 s = tns.shape
                 if (
                     len(s) != 4
-                    or s[0] != b
+                    or s[0] not in (1, b)
                     or s[1] != cfg.n_head
                     or s[3] != cfg.head_dim
                     or (plen is not None and s[2] != plen)
                 ):
                     raise ValueError(
-                        f"past_prefix[{i}].{name}: expected shape ({b}, {cfg.n_head}, "
+                        f"past_prefix[{i}].{name}: expected shape ({b} or 1, {cfg.n_head}, "
                         f"{'P' if plen is None else plen}, {cfg.head_dim}), got {s}"
                     )
+                if tns.dtype != self.lm_head_weight.dtype:
+                    raise TypeError(
+                        f"past_prefix[{i}].{name}: expected dtype {self.lm_head_weight.dtype} "
+                        f"(the model's), got {tns.dtype}"
+                    )
                 plen = s[2]
-        return int(plen)
+                if s[0] != b:  # shared by the batch: (1, H, P, d) + 0 (B, 1, 1, 1)
+                    zeros = backend.xp_of(tns.data).zeros((b, 1, 1, 1), dtype=tns.dtype)
+                    tns = tns + Tensor(zeros)  # (B, H, P, d)
+                expanded.append(tns)
+            out.append((expanded[0], expanded[1]))
+        return int(plen), out
 
     def _check_position_ids(self, position_ids: Any, b: int, t: int) -> Any:
         pos = np.asarray(position_ids.data if isinstance(position_ids, Tensor) else position_ids)
