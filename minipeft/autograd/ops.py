@@ -234,12 +234,13 @@ class Sigmoid(Function):
     """
 
     def forward(self, x: Array) -> Array:
-        y, self.e, self.d = _stable_sigmoid(x)
+        y, self.e, _ = _stable_sigmoid(x)  # one saved array, as y alone would be
         return y
 
     def backward(self, g: Array) -> Any:
+        d = 1 + self.e
         # σ'(x) = y(1 − y) = e/(1 + e)²
-        return g * (self.e / (self.d * self.d))
+        return g * (self.e / (d * d))
 
 
 class Relu(Function):
@@ -276,19 +277,20 @@ class Gelu(Function):
         self.x = x
         # s depends on x only where it is not saturated; clipping keeps x³ from overflowing
         xc = xp.clip(x, -_GELU_CLIP, _GELU_CLIP)
-        self.xc = xc
         # u = c(x + k x³),  s = σ(2u) = ½(1 + tanh u)
-        self.s, e, d = _stable_sigmoid(2 * _GELU_C * (xc + _GELU_K * xc * xc * xc))
-        self.ds = e / (d * d)  # s(1 − s) without cancellation
+        self.s, _, _ = _stable_sigmoid(2 * _GELU_C * (xc + _GELU_K * xc * xc * xc))
         # y = ½x(1 + t) = x·s
         return x * self.s
 
     def backward(self, g: Array) -> Any:
-        x, xc = self.x, self.xc
+        x, s = self.x, self.s  # two saved arrays, as x and t were
+        xc = backend.xp_of(x).clip(x, -_GELU_CLIP, _GELU_CLIP)
         # du/dx = c(1 + 3k x²)
         dudx = _GELU_C * (1 + 3 * _GELU_K * xc * xc)
         # x̄ = ḡ ⊙ [½(1 + t) + ½x(1 − t²)·du/dx] = ḡ ⊙ [s + 2x·s(1 − s)·du/dx]
-        return g * (self.s + 2 * x * self.ds * dudx)
+        # (s(1 − s) is accurate where it matters: for x ≪ 0, 1 − s = 1; for x ≫ 0 the
+        # term is added to s ≈ 1 and its cancellation stays below 10⁻¹⁵ absolute)
+        return g * (s + 2 * x * (s * (1 - s)) * dudx)
 
 
 class Cast(Function):
