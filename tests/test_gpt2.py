@@ -556,6 +556,22 @@ def test_transformers_checkpoint_loads_with_equal_logits_and_loss(hf, tmp_path):
     np.testing.assert_allclose(model64.loss(ids).item(), want.item(), rtol=1e-12)
 
 
+def test_untied_transformers_checkpoint_loads(hf, tmp_path):
+    torch, _ = hf
+    ref = hf_random_model(hf, 5, tie_word_embeddings=False)
+    with torch.no_grad():
+        ref.lm_head.weight.copy_(0.15 * torch.randn_like(ref.lm_head.weight))
+    ref.save_pretrained(tmp_path)
+    names = mio.read_safetensors_header(tmp_path / "model.safetensors")
+    assert "lm_head.weight" in names  # untied: transformers writes the head
+    model = GPT2.from_pretrained(tmp_path)
+    np.testing.assert_array_equal(model.lm_head_weight.data, ref.lm_head.weight.detach().numpy())
+    ids = ids_batch(2, 6, seed=11)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(model(ids).data, want, rtol=1e-4, atol=2e-5)
+
+
 def test_minipeft_checkpoint_loads_in_transformers(hf, tmp_path):
     torch, transformers = hf
     for tied in (True, False):
