@@ -79,7 +79,7 @@ class LoraFunction(Function):
         # H = X·W₀ᵀ (Linear, W₀ (out, in)) or X·W₀ (Conv1D, W₀ (in, out))
         h = xs @ w0 if fan_in_fan_out else xs @ w0.T  # (N, out)
         if bias is not None:
-            h = h + bias  # + b
+            h += bias  # + b (in place: h is a fresh product)
         self.w0 = w0 if self.needs_input_grad[0] else None  # only ∂L/∂X needs W₀
         self.xs = xs if self.needs_input_grad[1] else None  # only ∂L/∂W₀ (full FT) needs X
         self.saved = []
@@ -88,7 +88,7 @@ class LoraFunction(Function):
             m = masks[i]
             xd = xs if m is None else xs * m.reshape(-1, k)  # X̃ = X ⊙ M/(1−p)   (N, in)
             u = xd @ a.T  # U = X̃·Aᵀ   (N, r)
-            h = h + s * (u @ b.T)  # H += s·U·Bᵀ
+            h += (s * u) @ b.T  # H += s·U·Bᵀ  (s applied to the small (N, r) factor)
             self.saved.append((a, b, xd, u, None if m is None else m.reshape(-1, k)))
         return h.reshape(*self.lead, h.shape[-1])  # (..., out)
 
@@ -117,8 +117,10 @@ class LoraFunction(Function):
             gbm = s * (g.T @ u) if need_b else None
             if gx is not None:
                 # ∂L/∂X += s·(G·B)·A ⊙ M/(1−p)
-                d = s * (gb_ @ a)
-                gx = gx + (d if m is None else d * m)
+                d = (s * gb_) @ a  # (N, in); s applied to the small (N, r) factor
+                if m is not None:
+                    d *= m
+                gx += d
             pair_grads += [ga, gbm]
         if gx is not None:
             gx = gx.reshape(*self.lead, k)  # (..., in)
