@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .blockwise import QuantState, block_absmax, dequantize_4bit, quantize_4bit
-from .double_quant import DoubleQuantState
+from .double_quant import DoubleQuantState, quantize_blockwise_8bit
 
 __all__ = [
     "from_bnb",
@@ -147,6 +147,8 @@ def measure_double_quant_artifacts(
     * ``codes8_differ_same_offset``: the same, counted only on tensors where μ agrees —
       the lookup-table search alone; ``lut_not_nearest``: of those differing codes, the
       fraction where bitsandbytes' code is farther from the value than minipeft's;
+    * ``codes8_flipped_by_offset``: on tensors where μ differs, the fraction of exactly
+      nearest codes that change when bitsandbytes' μ replaces minipeft's — the mean alone;
     * ``recon_max_rel``: max |ĉ_bnb − ĉ_minipeft| / ĉ over all constants.
     """
     torch = _torch()
@@ -154,6 +156,7 @@ def measure_double_quant_artifacts(
 
     rng = np.random.default_rng(seed)
     n_t = n_off = n_codes = n_diff = n_codes_same = n_diff_same = n_farther = 0
+    n_codes_off = n_flip_off = 0
     off_ulps = 0.0
     recon_rel = 0.0
     for t in range(n_tensors):
@@ -173,6 +176,11 @@ def measure_double_quant_artifacts(
             off_ulps = max(
                 off_ulps, abs(float(off_b) - float(st.state2.offset)) / float(np.spacing(off_b))
             )
+            # the mean alone: minipeft's exact search with bnb's μ instead of its own
+            first = block_absmax(w.reshape(-1), 64)
+            q_mu, _ = quantize_blockwise_8bit(first - off_b, st.state2.code, 256)
+            n_codes_off += q_mu.size
+            n_flip_off += int((q_mu != st.absmax).sum())
         diff = q_b != st.absmax
         n_codes += diff.size
         n_diff += int(diff.sum())
@@ -199,6 +207,7 @@ def measure_double_quant_artifacts(
         "offset_ulps_max": off_ulps,
         "codes8_differ": n_diff / max(n_codes, 1),
         "codes8_differ_same_offset": n_diff_same / max(n_codes_same, 1),
+        "codes8_flipped_by_offset": n_flip_off / max(n_codes_off, 1),
         "lut_not_nearest": n_farther / max(n_diff_same, 1),
         "recon_max_rel": recon_rel,
     }
