@@ -77,10 +77,16 @@ def _hf_configs():
             target_modules=["c_attn", "c_fc"], feedforward_modules=["c_fc"],
             init_ia3_weights=False, **common,
         ),
+        # PiSSA changes the base weights at creation; loading re-runs it on the base, as
+        # HF PEFT does, so the residual W₀' plus the loaded s·B·A reproduce HF's model.
+        "pissa": peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], init_lora_weights="pissa",
+            **common,
+        ),
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", ["lora", "rslora", "dora", "vera", "vera_noproj", "ia3"])
+@pytest.mark.parametrize("kind", ["lora", "rslora", "dora", "vera", "vera_noproj", "ia3", "pissa"])
 def test_hf_adapter_loads_into_minipeft(hf_base, tmp_path, kind):
     import peft
 
@@ -92,6 +98,13 @@ def test_hf_adapter_loads_into_minipeft(hf_base, tmp_path, kind):
             for n, p in hf.named_parameters():
                 if "lambda" in n:
                     p.copy_(torch.randn_like(p))
+    if kind == "pissa":  # train-like change of the adapter so that ΔW ≠ the initial one
+        import torch
+
+        with torch.no_grad():
+            for n, p in hf.named_parameters():
+                if "lora_B" in n:
+                    p.mul_(1.5)
     hf.save_pretrained(tmp_path)
     ref = _hf_logits(hf)
     ours = PeftModel.from_pretrained(GPT2.from_pretrained(hf_base, dtype=np.float32), tmp_path)
