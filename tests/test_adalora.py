@@ -198,9 +198,7 @@ def test_rank_allocation_equals_hf_peft():
                         hf_alloc._element_score(key).numpy(), rtol=1e-12, atol=1e-300,
                     )  # fmt: skip
         for name, layer in layers.items():
-            np.testing.assert_array_equal(
-                layer.E.data, hf_param(name, "lora_E").detach().numpy()
-            )
+            np.testing.assert_array_equal(layer.E.data, hf_param(name, "lora_E").detach().numpy())
         hf_rank_pattern = hf.peft_config["default"].rank_pattern
         assert (hf_rank_pattern is None) == (alloc.rank_pattern is None), step
         if hf_rank_pattern is not None:

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PY_FILES = [p for d in ("minipeft", "tests", "benchmarks", "notebooks") for p in (ROOT / d).rglob("*.py")]
+PY_FILES = [
+    p for d in ("minipeft", "tests", "benchmarks", "notebooks") for p in (ROOT / d).rglob("*.py")
+]
 
 
 def test_no_pickle_anywhere():

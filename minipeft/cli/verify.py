@@ -45,6 +45,8 @@ def report(results: list[Result]) -> str:
     for r in results:
         if r.message:
             lines.append(f"  {r.equation.id}: {r.message}")
+        elif r.note and not r.passed:
+            lines.append(f"  {r.equation.id}: {r.note}")
     n_pass = sum(r.passed for r in results)
     total = sum(r.seconds for r in results)
     lines.append(f"{n_pass} passed, {len(results) - n_pass} failed in {total:.1f} s")

@@ -85,7 +85,8 @@ class Result:
     passed: bool
     seconds: float
     arrays: dict[str, np.ndarray]
-    message: str = ""
+    message: str = ""  # the exception, when the check raised
+    note: str = ""  # what the check wants the reader to know (Outcome.note)
 
 
 _REGISTRY: dict[str, Equation] = {}
