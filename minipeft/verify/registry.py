@@ -144,7 +144,8 @@ def run(equations: list[Equation]) -> list[Result]:
             out = eq.check()
             err = float(out.error)
             passed = bool(np.isfinite(err) and err <= eq.tol)
-            results.append(Result(eq, err, passed, time.perf_counter() - t0, out.arrays, out.note))
+            dt = time.perf_counter() - t0
+            results.append(Result(eq, err, passed, dt, out.arrays, note=out.note))
         except Exception as exc:
             msg = f"{type(exc).__name__}: {exc}"
             results.append(Result(eq, float("nan"), False, time.perf_counter() - t0, {}, msg))
