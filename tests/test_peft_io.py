@@ -248,3 +248,32 @@ def test_logits_cli_with_adapter(hf_base, tmp_path):
     bad = main(["logits", "--model", str(hf_base), "--adapter", str(tmp_path / "nowhere"),
                 "--ids", ids, "--out", str(out)])  # fmt: skip
     assert bad != 0
+
+
+def test_two_named_adapters_both_ways(hf_base, tmp_path):
+    """A second adapter goes to DIR/<name> (HF PEFT's layout) and switches the same way."""
+    import peft
+
+    ours = get_peft_model(
+        GPT2.from_pretrained(hf_base, dtype=np.float32),
+        LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False),
+    )
+    ours.add_adapter(
+        "task2",
+        LoraConfig(r=3, lora_alpha=5, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+                   init_lora_weights=False),
+    )  # fmt: skip
+    ours.save_pretrained(tmp_path)
+    assert (tmp_path / CONFIG_NAME).is_file() and (tmp_path / "task2" / WEIGHTS_NAME).is_file()
+    hf = peft.PeftModel.from_pretrained(_hf_model(hf_base), tmp_path)
+    hf.load_adapter(tmp_path / "task2", adapter_name="task2")
+    back = PeftModel.from_pretrained(GPT2.from_pretrained(hf_base, dtype=np.float32), tmp_path)
+    back.load_adapter(str(tmp_path / "task2"), "task2")
+    for name in ("default", "task2"):
+        ours.set_adapter(name)
+        hf.set_adapter(name)
+        back.set_adapter(name)
+        np.testing.assert_allclose(_hf_logits(hf.eval()), _our_logits(ours), atol=2e-5, rtol=1e-4)
+        np.testing.assert_allclose(_our_logits(back), _our_logits(ours), atol=1e-6)
+    with pytest.raises(ValueError, match="already exists"):
+        back.load_adapter(str(tmp_path / "task2"), "task2")

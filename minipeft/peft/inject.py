@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..nn.module import Module
+from .adalora import AdaLoraConfig, RankAllocator, SVDLinear, orthogonal_penalty
 from .config import IA3Config, LoraConfig, PeftConfig, VeraConfig, target_matches
 from .ia3 import IA3Layer
 from .lora import LoraLayer, _AdapterDict, base_layout
@@ -24,7 +25,7 @@ from .vera import VeraLayer, vera_kaiming_projection
 
 __all__ = ["PeftModel", "count_parameters", "get_peft_model"]
 
-_ADAPTER_LAYERS = (LoraLayer, VeraLayer, IA3Layer)
+_ADAPTER_LAYERS = (LoraLayer, VeraLayer, IA3Layer, SVDLinear)
 
 
 def _replace(root: Module, name: str, new: Module) -> None:
@@ -37,10 +38,18 @@ def _replace(root: Module, name: str, new: Module) -> None:
 
 def _targets(model: Module, config: PeftConfig) -> list[str]:
     names = []
+    inside: list[str] = []  # adapter layers seen: their inner modules are never targets
     for name, mod in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(mod, _ADAPTER_LAYERS):
+            inside.append(name)
         if not name or not target_matches(config.target_modules, name):
             continue
         if isinstance(mod, _ADAPTER_LAYERS):
+            if isinstance(mod, LoraLayer) and isinstance(config, LoraConfig):
+                names.append(name)  # a further LoRA adapter on an already wrapped layer
+                continue
             raise ValueError(f"target_modules: {name!r} already carries an adapter")
         w = getattr(mod, "weight", None)
         if w is None or getattr(w, "ndim", 0) != 2:
@@ -92,9 +101,12 @@ class PeftModel(Module):
             self._inject_vera(model, config, adapter_name)
         elif isinstance(config, IA3Config):
             self._inject_ia3(model, config, adapter_name)
+        elif isinstance(config, AdaLoraConfig):
+            self._inject_adalora(model, config, adapter_name)
         else:
             raise TypeError(
-                f"config: expected a LoraConfig, VeraConfig or IA3Config, got {config!r}"
+                "config: expected a LoraConfig, VeraConfig, IA3Config or AdaLoraConfig, "
+                f"got {config!r}"
             )
         self.peft_config[adapter_name] = config
         if len(self.peft_config) == 1:
@@ -106,7 +118,7 @@ class PeftModel(Module):
         for tname in _targets(model, config):
             mod = model.get_submodule(tname)
             r, alpha = config.rank_and_alpha(tname)
-            if isinstance(mod, LoraLayer):  # pragma: no cover - guarded by _targets
+            if isinstance(mod, LoraLayer):  # a further adapter on a wrapped layer
                 layer = mod
             else:
                 layer = LoraLayer(mod, fan_in_fan_out=config.fan_in_fan_out)
@@ -161,6 +173,36 @@ class PeftModel(Module):
                 init_ia3_weights=config.init_ia3_weights,
             )
             _replace(model, tname, layer)
+
+    def _inject_adalora(self, model: Module, config: AdaLoraConfig, name: str) -> None:
+        layers = {}
+        for tname in _targets(model, config):
+            layer = SVDLinear(
+                model.get_submodule(tname), r=config.init_r, lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout, adapter_name=name,
+            )  # fmt: skip
+            _replace(model, tname, layer)
+            layers[tname] = layer
+        self.rankallocator = RankAllocator(layers, config)
+
+    # ---------------------------------------------------------------- AdaLoRA
+    def update_and_allocate(self, global_step: int) -> None:
+        """AdaLoRA: update importance and mask to the budget; call after the optimizer step."""
+        cfg = self.peft_config[self.active_adapter]
+        if not isinstance(cfg, AdaLoraConfig):
+            raise TypeError(f"update_and_allocate: adapter {self.active_adapter!r} is not AdaLoRA")
+        _, pattern = self.rankallocator.update_and_allocate(global_step)
+        if pattern is not None:
+            cfg.rank_pattern = {f"{n}.lora_E": keep for n, keep in pattern.items()}
+
+    def orthogonal_regularization(self) -> Any:
+        """AdaLoRA: orth_reg_weight · R(P, Q) (a Tensor to add to the loss)."""
+        cfg = self.peft_config[self.active_adapter]
+        if not isinstance(cfg, AdaLoraConfig):
+            raise TypeError(f"orthogonal_regularization: {self.active_adapter!r} is not AdaLoRA")
+        layers = [m for _, m in self.adapter_layers() if isinstance(m, SVDLinear)]
+        penalty = orthogonal_penalty([m.A for m in layers], [m.B for m in layers])
+        return penalty * cfg.orth_reg_weight
 
     # ---------------------------------------------------------------- adapters
     def adapter_layers(self) -> Iterator[tuple[str, Module]]:
@@ -252,11 +294,28 @@ class PeftModel(Module):
         return line
 
     # ---------------------------------------------------------------- files
-    def save_pretrained(self, save_directory: str, adapter_name: str | None = None) -> None:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` as HF PEFT does."""
+    def save_pretrained(
+        self, save_directory: str, selected_adapters: list[str] | None = None
+    ) -> None:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` as HF PEFT does.
+
+        As in HF PEFT, the adapter named "default" goes into ``save_directory`` itself and
+        any other adapter into ``save_directory/<name>``.
+        """
+        from pathlib import Path
+
         from .io import save_adapter
 
-        save_adapter(self, save_directory, adapter_name or self.active_adapter)
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for name in names:
+            out = Path(save_directory) if name == "default" else Path(save_directory) / name
+            save_adapter(self, out, name)
+
+    def load_adapter(self, model_id: str, adapter_name: str) -> None:
+        """Add adapter ``adapter_name`` from an adapter directory (HF PEFT's ``load_adapter``)."""
+        from .io import add_adapter_from_dir
+
+        add_adapter_from_dir(self, model_id, adapter_name)
 
     @classmethod
     def from_pretrained(

@@ -10,6 +10,8 @@ adapter name removed (``get_peft_model_state_dict``):
     base_model.model.<module>.vera_lambda_d            (r,)
     base_model.vera_A, base_model.vera_B               (r, in_max), (out_max, r)  if save_projection
     base_model.model.<module>.ia3_l                    (out, 1), or (1, in) for feed-forward
+    base_model.model.<module>.lora_A / lora_E / lora_B  (r, in), (r, 1), (out, r)  AdaLoRA,
+                                                       cut to the kept triplets of rank_pattern
 
 minipeft's module tree has the same names with the adapter name inside
 (``lora_A.default.weight``), so the mapping is a rename. Loading validates everything —
@@ -33,10 +35,19 @@ from ..models.io import (
     write_json_atomic,
 )
 from ..nn.module import Module
-from .config import LoraConfig, VeraConfig, config_from_dict
+from .adalora import AdaLoraConfig, SVDLinear
+from .config import LoraConfig, PeftConfig, VeraConfig, config_from_dict
 from .inject import PeftModel, _replace, get_peft_model
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "adapter_tensors", "load_adapter", "save_adapter"]
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "adapter_tensors",
+    "add_adapter_from_dir",
+    "load_adapter",
+    "read_adapter_config",
+    "save_adapter",
+]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -51,6 +62,7 @@ _CONTAINERS = {
     "vera_A": False,
     "vera_B": False,
     "ia3_l": False,
+    "lora_E": False,
 }
 _HF_INITS = (True, False, "gaussian", "pissa", "olora")
 
@@ -64,6 +76,8 @@ def _hf_key(name: str, adapter: str) -> str | None:
             tail = parts[i + 2 :]
             if tail not in ([], ["weight"]):
                 return None
+            # AdaLoRA's lora_A/lora_B are bare parameters (tail []): no ".weight" either
+            keep_weight = keep_weight and tail == ["weight"]
             return ".".join(parts[: i + 1] + (["weight"] if keep_weight else []))
     return None
 
@@ -110,10 +124,28 @@ def save_adapter(model: PeftModel, save_directory: str | Path, adapter: str) -> 
     for key, t in adapter_tensors(model, adapter).items():
         arr = np.asarray(t.data if isinstance(t, Tensor) else t)
         tensors[key] = np.ascontiguousarray(arr)
+    if isinstance(cfg, AdaLoraConfig) and cfg.rank_pattern:
+        tensors = _prune_adalora(tensors, cfg.rank_pattern)
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     save_safetensors_atomic(out / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
     write_json_atomic(out / CONFIG_NAME, d)
+    return out
+
+
+def _prune_adalora(
+    tensors: dict[str, np.ndarray], rank_pattern: dict[str, list[bool]]
+) -> dict[str, np.ndarray]:
+    """AdaLoRA tensors cut to the kept triplets (PEFT: ``resize_state_dict_by_rank_pattern``)."""
+    out = dict(tensors)
+    for key_e, keep in rank_pattern.items():
+        prefix = "base_model.model." + key_e.removesuffix(".lora_E")
+        idx = np.asarray(keep, dtype=bool)
+        for kind in ("lora_A", "lora_E", "lora_B"):
+            key = f"{prefix}.{kind}"
+            if key not in out:
+                raise KeyError(f"rank_pattern: {key_e!r} names no adapted module ({key} missing)")
+            out[key] = np.ascontiguousarray(out[key][:, idx] if kind == "lora_B" else out[key][idx])
     return out
 
 
@@ -138,12 +170,8 @@ def _vera_projections_from_torch(cfg: VeraConfig, in_max: int, out_max: int) -> 
     return a, kaiming((out_max, cfg.r))
 
 
-def load_adapter(model: Module, directory: str | Path, adapter: str = "default") -> PeftModel:
-    """Wrap ``model`` with the adapter stored in ``directory`` (written by HF PEFT or minipeft).
-
-    Raises ``ValueError`` (``CheckpointError``) naming the problem for unsupported options,
-    unknown or missing tensors and wrong shapes; on error ``model`` is left unwrapped.
-    """
+def read_adapter_config(directory: str | Path) -> PeftConfig:
+    """The validated config of the adapter directory (unsupported options raise ValueError)."""
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"directory: {d} is not a directory")
@@ -152,21 +180,43 @@ def load_adapter(model: Module, directory: str | Path, adapter: str = "default")
         raise ValueError(f"bias: loading trained biases (bias={cfg.bias!r}) is not supported")
     if not (d / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"{d / WEIGHTS_NAME}: no adapter weights file")
+    return cfg
+
+
+def _fill_adapter(pm: PeftModel, adapter: str, directory: Path, cfg: PeftConfig) -> None:
+    """Validate the weights file against the adapter's tensors, then copy it in."""
+    if isinstance(cfg, AdaLoraConfig) and cfg.rank_pattern:  # PEFT saves the kept triplets
+        for key_e, keep in cfg.rank_pattern.items():
+            layer = pm.base_model.model.get_submodule(key_e.removesuffix(".lora_E"))
+            if not isinstance(layer, SVDLinear):
+                raise CheckpointError(f"rank_pattern: {key_e!r} is not an AdaLoRA layer")
+            layer.resize(keep)
+    targets = adapter_tensors(pm, adapter)
+    if isinstance(cfg, VeraConfig) and not cfg.save_projection:
+        a = getattr(pm.base_model.vera_A, adapter)
+        b = getattr(pm.base_model.vera_B, adapter)
+        ta, tb = _vera_projections_from_torch(cfg, a.shape[1], b.shape[0])
+        a[...], b[...] = ta, tb
+    expected = {k: tuple(getattr(t, "shape", ())) for k, t in targets.items()}
+    tensors = load_safetensors(directory / WEIGHTS_NAME, expected=expected, strict=True)
+    for key, t in targets.items():
+        arr = t.data if isinstance(t, Tensor) else t
+        arr[...] = tensors[key].astype(arr.dtype, copy=False)
+
+
+def load_adapter(model: Module, directory: str | Path, adapter: str = "default") -> PeftModel:
+    """Wrap ``model`` with the adapter stored in ``directory`` (written by HF PEFT or minipeft).
+
+    Raises ``ValueError`` (``CheckpointError``) naming the problem for unsupported options,
+    unknown or missing tensors and wrong shapes; on error ``model`` is left unwrapped.
+    """
+    d = Path(directory)
+    cfg = read_adapter_config(d)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     originals = {n: m.weight.data.copy() for n, m in model.named_modules() if _is_target(cfg, n, m)}
     pm = get_peft_model(model, cfg, adapter)
     try:
-        targets = adapter_tensors(pm, adapter)
-        if isinstance(cfg, VeraConfig) and not cfg.save_projection:
-            a = getattr(pm.base_model.vera_A, adapter)
-            b = getattr(pm.base_model.vera_B, adapter)
-            ta, tb = _vera_projections_from_torch(cfg, a.shape[1], b.shape[0])
-            a[...], b[...] = ta, tb
-        expected = {k: tuple(getattr(t, "shape", ())) for k, t in targets.items()}
-        tensors = load_safetensors(d / WEIGHTS_NAME, expected=expected, strict=True)
-        for key, t in targets.items():
-            arr = t.data if isinstance(t, Tensor) else t
-            arr[...] = tensors[key].astype(arr.dtype, copy=False)
+        _fill_adapter(pm, adapter, d, cfg)
     except BaseException:
         for name, layer in list(pm.adapter_layers()):
             _replace(model, name, layer.base_layer)
@@ -176,6 +226,29 @@ def load_adapter(model: Module, directory: str | Path, adapter: str = "default")
             p.requires_grad_(flag)
         raise
     return pm
+
+
+def add_adapter_from_dir(pm: PeftModel, directory: str | Path, adapter: str) -> None:
+    """Add a further (LoRA) adapter named ``adapter`` to ``pm`` from an adapter directory.
+
+    On error the half-added adapter is removed again.
+    """
+    d = Path(directory)
+    cfg = read_adapter_config(d)
+    if isinstance(cfg, LoraConfig) and str(cfg.init_lora_weights).lower() in ("pissa", "olora"):
+        raise ValueError(
+            "init_lora_weights: a PiSSA/OLoRA adapter changes the base weights; load it with "
+            "PeftModel.from_pretrained on a fresh base model instead"
+        )
+    pm.add_adapter(adapter, cfg)
+    try:
+        _fill_adapter(pm, adapter, d, cfg)
+    except BaseException:
+        for _, layer in pm.adapter_layers():
+            if adapter in getattr(layer, "r", {}):
+                layer.delete_adapter(adapter)
+        del pm.peft_config[adapter]
+        raise
 
 
 def _is_target(cfg: Any, name: str, mod: Module) -> bool:
