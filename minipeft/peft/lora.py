@@ -263,12 +263,13 @@ def base_layout(base: Module, fan_in_fan_out: bool | None = None) -> tuple[int, 
     caller asked for False) and a Linear base forces False.
     """
     w = getattr(base, "weight", None)
-    if not isinstance(w, Tensor) or w.ndim != 2:
+    is_4bit = getattr(base, "is_4bit", False)  # minipeft.quant.qlora.Linear4bit (QLoRA)
+    if not (isinstance(w, Tensor) or is_4bit) or w.ndim != 2:
         raise TypeError(
             "base: expected a layer with a 2-D weight (Linear or Conv1D), "
             f"got {type(base).__name__}"
         )
-    is_conv1d = type(base).__name__ == "Conv1D"
+    is_conv1d = type(base).__name__ == "Conv1D" or (is_4bit and base.fan_in_fan_out)
     if fan_in_fan_out is not None and bool(fan_in_fan_out) != is_conv1d:
         warnings.warn(
             f"fan_in_fan_out={fan_in_fan_out} does not match the base layer "
@@ -341,6 +342,8 @@ class LoraLayer(Module):
             raise ValueError(f"init_lora_weights: expected one of {INIT_CHOICES}, got {init!r}")
         if init in ("pissa", "olora") and self.merged_adapters:
             raise ValueError("init_lora_weights: cannot PiSSA/OLoRA-initialize a merged layer")
+        if use_dora or init in ("pissa", "olora"):
+            self._w0_out_in()  # needs the float W₀: a 4-bit base raises here, before any change
         r = int(r)
         s = lora_scaling(r, lora_alpha, use_rslora)
         w0 = self.base_layer.weight
@@ -492,9 +495,12 @@ class LoraLayer(Module):
                 plain.append((a, b, s))
                 masks.append(mask)
         bias = getattr(base, "bias", None)
-        h = lora_linear(
-            x, base.weight, bias, plain, masks=masks, fan_in_fan_out=self.fan_in_fan_out
-        )
+        if getattr(base, "is_4bit", False):  # QLoRA: 4-bit base dequantized on the fly
+            h = base.lora_forward(x, plain, masks)
+        else:
+            h = lora_linear(
+                x, base.weight, bias, plain, masks=masks, fan_in_fan_out=self.fan_in_fan_out
+            )
         if doras:
             from .dora import dora_delta
 

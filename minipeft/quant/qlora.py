@@ -1,0 +1,411 @@
+"""The QLoRA layer: a frozen 4-bit base dequantized on the fly, LoRA on top.
+
+Derivation: derivations/qlora_layer.md.
+
+QLoRA (Dettmers et al., 2023) stores the frozen weight W in 4 bits (NF4 or FP4, blockwise
+absmax, optionally double-quantized) and trains LoRA factors in full precision. With
+Ŵ = dequant(packed, state) — the float matrix the 4 bits stand for — and G = ∂L/∂H:
+
+    H     = X·Ŵᵀ + b + Σᵢ sᵢ·(X̃ᵢ·Aᵢᵀ)·Bᵢᵀ                      [qlora.linear4bit_forward]
+    ∂L/∂X = G·Ŵ + Σᵢ sᵢ·(G·Bᵢ)·Aᵢ (⊙ the dropout multiplier)     [qlora.linear4bit_grad_x]
+    ∂L/∂A = s·(G·B)ᵀ·X̃,   ∂L/∂B = s·Gᵀ·(X̃·Aᵀ)                   [qlora.lora_grads]
+
+The base has no gradient at all: W is not a parameter (its 4-bit codes cannot be trained),
+so ∂L/∂W = Gᵀ·X is never formed. What backward keeps (``Linear4bitFunction``): a reference
+to the module's own packed codes and state (no copy, no extra bytes), X̃ and U = X̃·Aᵀ for
+each adapter (for ∂L/∂A, ∂L/∂B), and nothing else. Ŵ lives only inside forward and is
+dequantized again in backward for ∂L/∂X — as bitsandbytes' ``MatMul4Bit`` does — so between
+forward and backward the layer costs its 4-bit storage, not a float copy of W.
+
+GPT-2's Conv1D stores W as (in, out) and computes X·W; ``Linear4bit`` quantizes the weight in
+the layout it is stored in (``fan_in_fan_out=True`` for Conv1D), so its blocks run along the
+stored rows. (transformers + bitsandbytes transpose a Conv1D weight to (out, in) before
+quantizing; the bits per parameter are the same, the block grouping differs.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..autograd.tensor import Function, Tensor
+from ..backend import Array
+from ..nn.module import Module, Parameter
+from .blockwise import QuantState, dequantize_4bit, quantize_4bit
+
+__all__ = [
+    "Linear4bit",
+    "Linear4bitFunction",
+    "QuantizedWeightError",
+    "Weight4bit",
+    "linear4bit",
+    "quantize_model",
+]
+
+
+class QuantizedWeightError(TypeError):
+    """Raised when code asks a 4-bit weight for a dense, writable float matrix."""
+
+
+class Weight4bit:
+    """A frozen 4-bit weight: packed codes + ``QuantState``, shaped like the float weight.
+
+    It is not a ``Parameter`` (it never trains and never gets a gradient) and it has no
+    dense ``.data``: reading ``.data`` raises ``QuantizedWeightError``, so merging an adapter
+    into it, PiSSA/OLoRA/DoRA initializations and other in-place edits of W₀ fail with a clear
+    message instead of writing into codes. ``dequantize()`` returns a float copy of Ŵ.
+    """
+
+    requires_grad = False
+    grad = None
+
+    def __init__(self, packed: np.ndarray, state: QuantState, *, kernel: str = "numpy") -> None:
+        if not isinstance(state, QuantState):
+            raise TypeError(f"state: expected a QuantState, got {type(state).__name__}")
+        if len(state.shape) != 2:
+            raise ValueError(f"state: expected a 2-D weight, got shape {state.shape}")
+        n_bytes = (state.numel + 1) // 2
+        if getattr(packed, "dtype", None) != np.uint8 or packed.size != n_bytes:
+            raise ValueError(
+                f"packed: expected uint8 with {n_bytes} bytes for shape {state.shape}, got "
+                f"{getattr(packed, 'dtype', type(packed).__name__)} with "
+                f"{getattr(packed, 'size', '?')} items"
+            )
+        self.packed = packed
+        self.quant_state = state
+        self.kernel = kernel
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.quant_state.shape)  # type: ignore[return-value]
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def size(self) -> int:
+        return self.quant_state.numel
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The compute dtype: the dtype of the float weight that was quantized."""
+        return np.dtype(self.quant_state.dtype)
+
+    @property
+    def data(self) -> Array:
+        st = self.quant_state
+        raise QuantizedWeightError(
+            f"weight: a {st.quant_type.upper()} 4-bit weight (blocksize {st.blocksize}"
+            f"{', double-quantized' if st.nested else ''}) has no dense float .data. Merging "
+            "an adapter into it, PiSSA/OLoRA/DoRA initialization and other in-place edits of "
+            "W₀ need the full-precision weight; folding s·B·A into 4-bit codes is lossy (W₀ + "
+            "ΔW would be re-quantized, an error of the order of one quantization step per "
+            "entry, usually larger than ΔW itself). Keep the adapter unmerged, or use "
+            ".dequantize() for a float copy of Ŵ."
+        )
+
+    def dequantize(self, dtype: Any = None) -> Array:
+        """Ŵ = code[q]·c_b in the stored layout, as ``dtype`` (default: the weight's dtype)."""
+        w = dequantize_4bit(self.packed, self.quant_state, kernel=self.kernel)
+        return w if dtype is None else w.astype(dtype, copy=False)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held for this weight: codes, absmax (and nested constants), codebooks."""
+        st = self.quant_state
+        total = self.packed.nbytes + st.absmax.nbytes + st.code.nbytes
+        if st.state2 is not None:
+            total += st.state2.absmax.nbytes + st.state2.code.nbytes + 4  # + float32 offset
+        return int(total)
+
+    def __repr__(self) -> str:
+        st = self.quant_state
+        return (
+            f"Weight4bit(shape={self.shape}, quant_type={st.quant_type!r}, "
+            f"blocksize={st.blocksize}, double_quant={st.nested})"
+        )
+
+
+# ------------------------------------------------------------------------------ the Function
+class Linear4bitFunction(Function):
+    """H = X·Ŵᵀ + b + Σᵢ sᵢ·(X̃ᵢ·Aᵢᵀ)·Bᵢᵀ with Ŵ = dequant(4-bit), and its closed-form backward.
+
+    Inputs: ``x`` (..., in), optionally ``bias`` (out,) when ``has_bias``, then pairs
+    ``A₁, B₁, A₂, B₂, …``. The 4-bit weight comes as the parameter ``weight`` (a
+    ``Weight4bit``), not as an input: it has no gradient. ``fan_in_fan_out``: Ŵ is stored
+    (in, out) (Conv1D) and H = X·Ŵ.
+    """
+
+    def forward(
+        self,
+        x: Array,
+        *rest: Array,
+        weight: Weight4bit,
+        fan_in_fan_out: bool,
+        has_bias: bool,
+        scales: Sequence[float],
+        masks: Sequence[Array | None],
+    ) -> Array:
+        bias = rest[0] if has_bias else None
+        pairs = rest[1:] if has_bias else rest
+        self.lead, k = x.shape[:-1], x.shape[-1]
+        xs = x.reshape(-1, k)  # (N, in)
+        self.fan_in_fan_out, self.has_bias, self.scales = fan_in_fan_out, has_bias, scales
+        w_hat = weight.dequantize(x.dtype)  # Ŵ, transient: dropped when forward returns
+        # H = X·Ŵᵀ (Linear, Ŵ (out, in)) or X·Ŵ (Conv1D, Ŵ (in, out))
+        h = xs @ w_hat if fan_in_fan_out else xs @ w_hat.T  # (N, out)
+        del w_hat
+        if bias is not None:
+            h += bias  # + b
+        # backward re-dequantizes for ∂L/∂X: keep a reference to the module's codes only
+        self.weight = weight if self.needs_input_grad[0] else None
+        self.saved = []
+        for i, s in enumerate(scales):
+            a, b = pairs[2 * i], pairs[2 * i + 1]
+            m = masks[i]
+            xd = xs if m is None else xs * m.reshape(-1, k)  # X̃ = X ⊙ M/(1−p)   (N, in)
+            u = xd @ a.T  # U = X̃·Aᵀ   (N, r)
+            h += (s * u) @ b.T  # H += s·U·Bᵀ
+            need = self.needs_input_grad[(2 if has_bias else 1) + 2 * i]
+            # ∂L/∂A needs X̃; ∂L/∂B needs U; ∂L/∂X needs A, B (and M)
+            self.saved.append(
+                (a, b, xd if need else None, u, None if m is None else m.reshape(-1, k))
+            )
+        return h.reshape(*self.lead, h.shape[-1])  # (..., out)
+
+    def backward(self, grad: Array) -> tuple[Array | None, ...]:
+        g = grad.reshape(-1, grad.shape[-1])  # G (N, out)
+        gx = gbias = None
+        if self.needs_input_grad[0]:
+            w_hat = self.weight.dequantize(g.dtype)  # Ŵ again, from the 4-bit codes
+            # ∂L/∂X = G·Ŵ (Linear) or G·Ŵᵀ (Conv1D)   (+ Σ sᵢ·(G·Bᵢ)·Aᵢ below)
+            gx = g @ w_hat.T if self.fan_in_fan_out else g @ w_hat  # (N, in)
+            del w_hat
+        if self.has_bias and self.needs_input_grad[1]:
+            gbias = g.sum(axis=0)  # ∂L/∂b = Σₙ Gₙ
+        off = 2 if self.has_bias else 1
+        pair_grads: list[Array | None] = []
+        for i, (s, (a, b, xd, u, m)) in enumerate(zip(self.scales, self.saved)):
+            need_a = self.needs_input_grad[off + 2 * i]
+            need_b = self.needs_input_grad[off + 2 * i + 1]
+            gb_ = g @ b if (need_a or gx is not None) else None  # G·B   (N, r)
+            ga = s * (gb_.T @ xd) if need_a else None  # ∂L/∂A = s·(G·B)ᵀ·X̃   (r, in)
+            gbm = s * (g.T @ u) if need_b else None  # ∂L/∂B = s·Gᵀ·(X̃·Aᵀ)   (out, r)
+            if gx is not None:
+                d = (s * gb_) @ a  # s·(G·B)·A   (N, in)
+                if m is not None:
+                    d *= m  # ⊙ M/(1−p)
+                gx += d
+            pair_grads += [ga, gbm]
+        if gx is not None:
+            gx = gx.reshape(*self.lead, gx.shape[-1])  # (..., in)
+        head: list[Array | None] = [gx] + ([gbias] if self.has_bias else [])
+        return tuple(head + pair_grads)
+
+
+def linear4bit(
+    x: Tensor,
+    weight: Weight4bit,
+    bias: Tensor | None = None,
+    adapters: Sequence[tuple[Tensor, Tensor, float]] = (),
+    *,
+    masks: Sequence[Array | None] | None = None,
+    fan_in_fan_out: bool = False,
+) -> Tensor:
+    """QLoRA forward over a 4-bit base, with its fused closed-form backward.
+
+    [qlora.linear4bit_forward]  H = X·Ŵᵀ + b + Σ sᵢ·(X̃·Aᵢᵀ)·Bᵢᵀ,   Ŵ = dequant(packed, state)
+    [qlora.linear4bit_grad_x]   ∂L/∂X = G·Ŵ + Σ sᵢ·(G·Bᵢ)·Aᵢ   (Ŵ dequantized again in backward)
+    [qlora.lora_grads]          ∂L/∂A = s·(G·B)ᵀ·X̃,  ∂L/∂B = s·Gᵀ·(X̃·Aᵀ)
+
+    ``weight`` is a ``Weight4bit`` stored (out, in), or (in, out) with ``fan_in_fan_out``.
+    ``adapters`` is a list of (A (r, in), B (out, r), s); ``masks`` each adapter's dropout
+    multiplier M/(1−p) shaped like ``x`` (None: no dropout). No gradient exists for the base.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a Tensor, got {type(x).__name__}")
+    if not isinstance(weight, Weight4bit):
+        raise TypeError(f"weight: expected a Weight4bit, got {type(weight).__name__}")
+    out_f, in_f = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else weight.shape
+    if x.shape[-1] != in_f:
+        raise ValueError(f"x: expected last dimension {in_f} (in_features), got shape {x.shape}")
+    if bias is not None and bias.shape != (out_f,):
+        raise ValueError(f"bias: expected shape {(out_f,)}, got {bias.shape}")
+    masks = list(masks) if masks is not None else [None] * len(adapters)
+    if len(masks) != len(adapters):
+        raise ValueError(f"masks: expected {len(adapters)} entries, got {len(masks)}")
+    flat: list[Tensor] = []
+    for i, (a, b, _) in enumerate(adapters):
+        if a.ndim != 2 or a.shape[1] != in_f:
+            raise ValueError(f"adapters[{i}].A: expected shape (r, {in_f}), got {a.shape}")
+        if b.ndim != 2 or b.shape != (out_f, a.shape[0]):
+            raise ValueError(
+                f"adapters[{i}].B: expected shape ({out_f}, {a.shape[0]}), got {b.shape}"
+            )
+        flat += [a, b]
+    for i, m in enumerate(masks):
+        if m is not None and tuple(m.shape) != x.shape:
+            raise ValueError(f"masks[{i}]: expected shape {x.shape}, got {tuple(m.shape)}")
+    head = [x] + ([bias] if bias is not None else [])
+    return Linear4bitFunction.apply(
+        *head,
+        *flat,
+        weight=weight,
+        fan_in_fan_out=bool(fan_in_fan_out),
+        has_bias=bias is not None,
+        scales=tuple(float(ad[2]) for ad in adapters),
+        masks=tuple(masks),
+    )
+
+
+# ------------------------------------------------------------------------------ the layer
+class Linear4bit(Module):
+    """A frozen linear layer whose weight is stored in 4 bits: y = x·Ŵᵀ + b (or x·Ŵ + b).
+
+    ``fan_in_fan_out=False``: the weight is (out, in) like ``Linear``; True: (in, out) like
+    GPT-2's ``Conv1D``. The bias stays a float ``Parameter`` (frozen). Build one from a float
+    layer with ``Linear4bit.from_float`` or from a weight with the constructor.
+    ``LoraLayer`` recognises it (``is_4bit``) and runs ``lora_forward``: the fused QLoRA
+    Function, so the LoRA backward never touches a gradient of the base.
+    """
+
+    is_4bit = True
+
+    def __init__(
+        self,
+        weight: Any,
+        bias: Any = None,
+        *,
+        fan_in_fan_out: bool = False,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = False,
+        kernel: str = "numpy",
+    ) -> None:
+        super().__init__()
+        w = weight.data if isinstance(weight, Tensor) else weight
+        if getattr(w, "ndim", None) != 2:
+            raise ValueError(f"weight: expected a 2-D array, got shape {getattr(w, 'shape', None)}")
+        packed, state = quantize_4bit(w, blocksize, quant_type, double_quant, kernel=kernel)
+        self._setup(Weight4bit(packed, state, kernel=kernel), bias, fan_in_fan_out)
+
+    def _setup(self, w4: Weight4bit, bias: Any, fan_in_fan_out: bool) -> None:
+        self.fan_in_fan_out = bool(fan_in_fan_out)
+        rows, cols = w4.shape
+        self.in_features, self.out_features = (rows, cols) if self.fan_in_fan_out else (cols, rows)
+        self.weight = w4  # not a Parameter: no gradient, no optimizer state
+        if bias is not None:
+            b = bias.data if isinstance(bias, Tensor) else bias
+            if tuple(b.shape) != (self.out_features,):
+                raise ValueError(f"bias: expected shape ({self.out_features},), got {b.shape}")
+            self.bias = Parameter(np.array(b, dtype=w4.dtype), requires_grad=False)
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_quantized(
+        cls, packed: np.ndarray, state: QuantState, bias: Any = None, *,
+        fan_in_fan_out: bool = False, kernel: str = "numpy",
+    ) -> Linear4bit:  # fmt: skip
+        """A layer over codes that are already quantized (e.g. by LoftQ or bitsandbytes)."""
+        layer = cls.__new__(cls)
+        Module.__init__(layer)
+        layer._setup(Weight4bit(packed, state, kernel=kernel), bias, fan_in_fan_out)
+        return layer
+
+    @classmethod
+    def from_float(
+        cls, layer: Module, *, quant_type: str = "nf4", blocksize: int = 64,
+        double_quant: bool = False, kernel: str = "numpy",
+    ) -> Linear4bit:  # fmt: skip
+        """Quantize a ``Linear`` (out, in) or GPT-2 ``Conv1D`` (in, out) layer."""
+        kind = type(layer).__name__
+        if kind not in ("Linear", "Conv1D"):
+            raise TypeError(f"layer: expected a Linear or Conv1D layer, got {kind}")
+        return cls(
+            layer.weight, getattr(layer, "bias", None), fan_in_fan_out=kind == "Conv1D",
+            quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, kernel=kernel,
+        )  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear4bit(x, self.weight, self.bias, fan_in_fan_out=self.fan_in_fan_out)
+
+    def lora_forward(
+        self,
+        x: Tensor,
+        adapters: Sequence[tuple[Tensor, Tensor, float]],
+        masks: Sequence[Array | None] | None = None,
+    ) -> Tensor:
+        """The base plus LoRA adapters in one fused Function (called by ``LoraLayer``)."""
+        return linear4bit(
+            x, self.weight, self.bias, adapters, masks=masks, fan_in_fan_out=self.fan_in_fan_out
+        )
+
+    def dequantize(self) -> Array:
+        """A float copy of Ŵ in the stored layout."""
+        return self.weight.dequantize()
+
+    @property
+    def weight_nbytes(self) -> int:
+        return self.weight.nbytes
+
+    def bytes_per_param(self, include_codebooks: bool = False) -> float:
+        """Bytes of weight storage per weight entry: 0.5 for the codes plus the constants."""
+        st = self.weight.quant_state
+        total = self.weight.nbytes
+        if not include_codebooks:
+            total -= st.code.nbytes + (st.state2.code.nbytes if st.state2 is not None else 0)
+        return total / self.weight.size
+
+    def extra_repr(self) -> str:
+        st = self.weight.quant_state
+        return (
+            f"in={self.in_features}, out={self.out_features}, quant_type={st.quant_type}, "
+            f"blocksize={st.blocksize}, double_quant={st.nested}, bias={self.bias is not None}"
+        )
+
+
+def quantize_model(
+    model: Module,
+    target_modules: str | list[str],
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = False,
+    *,
+    kernel: str = "numpy",
+) -> list[str]:
+    """Replace the matching ``Linear``/``Conv1D`` layers of ``model`` by ``Linear4bit``, in place.
+
+    ``target_modules`` matches as in HF PEFT (a list of name suffixes, or a regex string
+    matched in full). Returns the replaced names. A match that is not a Linear/Conv1D raises
+    ValueError; so does a pattern that matches nothing.
+    """
+    from ..peft.config import target_matches
+
+    if not isinstance(model, Module):
+        raise TypeError(f"model: expected a minipeft Module, got {type(model).__name__}")
+    names = []
+    for name, mod in model.named_modules():
+        if not name or not target_matches(target_modules, name):
+            continue
+        if type(mod).__name__ not in ("Linear", "Conv1D"):
+            raise ValueError(
+                f"target_modules: {name!r} is a {type(mod).__name__}; only Linear and Conv1D "
+                "layers can be quantized"
+            )
+        names.append(name)
+    if not names:
+        raise ValueError(f"target_modules: {target_modules!r} matched no module of the model")
+    for name in names:
+        q = Linear4bit.from_float(
+            model.get_submodule(name), quant_type=quant_type, blocksize=blocksize,
+            double_quant=double_quant, kernel=kernel,
+        )  # fmt: skip
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        parent._modules[child] = q  # same name, same place in the parent's child order
+        object.__setattr__(parent, child, q)
+    return names
