@@ -304,7 +304,7 @@ def dequantize_4bit(packed: Any, state: QuantState, *, kernel: str = "numpy") ->
         from ..kernels.cuda import quant4 as cuda_quant4
 
         out = cuda_quant4.dequantize_4bit(packed, scales, state.code, state.blocksize, n)
-        return out.reshape(state.shape).astype(state.dtype)
+        return out.reshape(state.shape).astype(state.dtype, copy=False)
     packed_np = to_numpy(packed).reshape(-1)
     if kernel == "numba":
         from ..kernels.cpu import quant4 as cpu_quant4
@@ -314,7 +314,7 @@ def dequantize_4bit(packed: Any, state: QuantState, *, kernel: str = "numpy") ->
         q = unpack_nibbles(packed_np, n)  # (n,) codes
         scale = np.repeat(scales, state.blocksize)[:n]  # c_b per element
         out = state.code[q] * scale  # x̂ = code[q]·c_b, float32
-    return out.reshape(state.shape).astype(state.dtype)
+    return out.reshape(state.shape).astype(state.dtype, copy=False)
 
 
 # ---------------------------------------------------------------------------- files

@@ -28,9 +28,16 @@ _TINY = np.float32(1e-38)
 
 @njit(cache=True)
 def _bucket(s: np.float32, mids: np.ndarray) -> int:  # pragma: no cover - compiled
+    """k = #{m_j < s}: s ≤ m_j stays below, so ties go to the lower level."""
+    if mids.shape[0] == 15:  # 16 levels: a 4-step binary search, m_{k−1} < s ≤ m_k
+        k = 8 if s > mids[7] else 0
+        k += 4 if s > mids[k + 3] else 0
+        k += 2 if s > mids[k + 1] else 0
+        k += 1 if s > mids[k] else 0
+        return k
     k = 0
     for j in range(mids.shape[0]):
-        if s > mids[j]:  # s ≤ m_j stays below: ties go to the lower level
+        if s > mids[j]:
             k += 1
     return k
 
@@ -92,10 +99,17 @@ def _dequantize_kernel(  # pragma: no cover - compiled
     n: int,
     out: np.ndarray,
 ) -> None:
-    for i in range(n):
-        byte = np.int64(packed[i // 2])
-        q = (byte >> 4) if i % 2 == 0 else (byte & 15)  # high nibble first
-        out[i] = code[q] * absmax[i // blocksize]  # x̂ = code[q]·c_b
+    n_blocks = absmax.shape[0]
+    for b in range(n_blocks):
+        scale = absmax[b]
+        start = b * blocksize
+        end = min(start + blocksize, n)
+        for i in range(start, end - 1, 2):  # whole bytes (start is even)
+            byte = np.int64(packed[i >> 1])
+            out[i] = code[byte >> 4] * scale  # x̂ = code[q]·c_b, high nibble first
+            out[i + 1] = code[byte & 15] * scale
+        if (end - start) % 2:  # odd n: the last byte's high nibble only
+            out[end - 1] = code[np.int64(packed[(end - 1) >> 1]) >> 4] * scale
 
 
 def quantize_4bit(
