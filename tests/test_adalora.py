@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -23,7 +25,8 @@ from minipeft.peft.adalora import (
 
 
 def _cfg(**kw):
-    base = dict(target_r=2, init_r=4, tinit=3, tfinal=4, deltaT=2, total_step=20)
+    base = dict(target_r=2, init_r=4, tinit=3, tfinal=4, deltaT=2, total_step=20,
+                target_modules=["fc"])  # fmt: skip
     base.update(kw)
     return AdaLoraConfig(**base)
 
@@ -156,6 +159,7 @@ def test_rank_allocation_equals_hf_peft():
     )  # fmt: skip
     hf = peft.get_peft_model(Tiny().double(), hf_cfg)
     mp_cfg = AdaLoraConfig(
+        target_modules=list(dims),
         init_r=init_r, target_r=target_r, tinit=tinit, tfinal=tfinal, deltaT=delta_t,
         total_step=total, lora_alpha=8,
     )  # fmt: skip
@@ -215,3 +219,119 @@ def test_rank_allocation_equals_hf_peft():
     assert n_masked_steps >= 4 and n_pattern_checks >= 10
     final = {name: sum(k) for name, k in alloc.rank_pattern.items()}
     assert sum(final.values()) == target_r * len(dims), final
+
+
+# ---------------------------------------------------------------------------- files and model
+def test_adalora_files_move_both_ways_with_hf_peft(tmp_path):
+    """HF PEFT → minipeft and minipeft → HF PEFT, with a pruned rank pattern, same logits."""
+    torch = pytest.importorskip("torch", reason="cross-check needs PyTorch")
+    transformers = pytest.importorskip("transformers", reason="cross-check needs transformers")
+    peft = pytest.importorskip("peft", reason="cross-check needs HF PEFT")
+    from minipeft.autograd.tensor import no_grad
+    from minipeft.models.gpt2 import GPT2
+    from minipeft.peft import PeftModel
+    from minipeft.peft.inject import get_peft_model
+
+    torch.manual_seed(0)
+    hf_cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=40, n_positions=16)
+    transformers.GPT2LMHeadModel(hf_cfg).eval().save_pretrained(tmp_path / "base")
+    ids = np.array([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
+
+    hf = peft.get_peft_model(
+        transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base").eval(),
+        peft.AdaLoraConfig(
+            target_modules=["c_attn", "c_fc"], init_r=4, target_r=2, total_step=20, lora_alpha=8,
+            fan_in_fan_out=True,
+        ),
+    )  # fmt: skip
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.3)
+    keep = {
+        f"base_model.model.transformer.h.{i}.{m}.lora_E.default": [bool(v) for v in k]
+        for i in range(2)
+        for m, k in (("attn.c_attn", [1, 0, 1, 1]), ("mlp.c_fc", [0, 1, 0, 1]))
+    }
+    hf.peft_config["default"].rank_pattern = {
+        k.removeprefix("base_model.model."): v for k, v in keep.items()
+    }
+    for n, p in hf.named_parameters():  # the masked triplets are zero, as after allocation
+        if n in keep:
+            with torch.no_grad():
+                p[~torch.tensor(keep[n])] = 0.0
+    hf.eval()
+    with torch.no_grad():
+        want = hf(torch.tensor(ids)).logits.numpy()
+    hf.save_pretrained(tmp_path / "hf_adapter")
+
+    with minipeft.dtype_policy("float32"):
+        ours = PeftModel.from_pretrained(
+            GPT2.from_pretrained(tmp_path / "base"), str(tmp_path / "hf_adapter")
+        )
+    ours.eval()
+    with no_grad():
+        got = ours(ids).data
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    ranks = {n: m.r for n, m in ours.adapter_layers()}
+    assert ranks["transformer.h.0.attn.c_attn"] == 3 and ranks["transformer.h.1.mlp.c_fc"] == 2
+
+    # and back: minipeft writes, HF PEFT reads
+    model = get_peft_model(
+        GPT2.from_pretrained(tmp_path / "base"),
+        AdaLoraConfig(target_modules=["c_attn", "c_fc"], init_r=4, target_r=2, total_step=20),
+    )
+    rng = np.random.default_rng(0)
+    for _, layer in model.adapter_layers():
+        for kind in ("lora_A", "lora_E", "lora_B"):
+            p = layer.param(kind)
+            p.data[...] = rng.standard_normal(p.shape) * 0.3
+    kept = {"attn.c_attn": [True, True, False, True], "mlp.c_fc": [False, True, True, False]}
+    model.peft_config["default"].rank_pattern = {
+        f"transformer.h.{i}.{m}.lora_E": k for i in range(2) for m, k in kept.items()
+    }
+    model.rankallocator.mask_using_rank_pattern(
+        {k.removesuffix(".lora_E"): v for k, v in model.peft_config["default"].rank_pattern.items()}
+    )
+    model.eval()
+    with no_grad():
+        ours_logits = model(ids).data
+    model.save_pretrained(str(tmp_path / "ours"))
+    saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "ADALORA" and saved["init_r"] == 4
+    back = peft.PeftModel.from_pretrained(
+        transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base").eval(), tmp_path / "ours"
+    ).eval()
+    with torch.no_grad():
+        theirs = back(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(ours_logits, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_adalora_through_get_peft_model_trains_and_allocates():
+    from minipeft.autograd import cross_entropy
+    from minipeft.models.gpt2 import GPT2, GPT2Config
+    from minipeft.optim import AdamW
+    from minipeft.peft.inject import get_peft_model
+
+    minipeft.seed(0)
+    base = GPT2(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=30, n_positions=16))
+    cfg = AdaLoraConfig(target_modules=["c_attn", "c_fc"], init_r=4, target_r=2, tinit=2,
+                        tfinal=3, deltaT=1, total_step=12)  # fmt: skip
+    model = get_peft_model(base, cfg)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = np.random.default_rng(0).integers(0, 30, (4, 8))
+    for step in range(cfg.total_step):
+        logits = model(ids[:, :-1])
+        loss = cross_entropy(logits, ids[:, 1:]) + model.orthogonal_regularization()
+        loss.backward()
+        opt.step()
+        model.update_and_allocate(step)
+        opt.zero_grad()
+    pattern = cfg.rank_pattern
+    assert sum(sum(k) for k in pattern.values()) == 2 * len(pattern) == 8
+    for name, layer in model.adapter_layers():
+        assert layer.effective_rank() <= sum(pattern[f"{name}.lora_E"])
+    # the base model's weights are untouched
+    assert all(p.grad is None for n, p in model.named_parameters() if "base_layer" in n)

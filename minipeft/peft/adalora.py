@@ -24,8 +24,10 @@ that changes a number, so that budgets, scores, masks and rank patterns agree wi
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -34,6 +36,7 @@ from ..autograd import ops
 from ..autograd.tensor import Function, Tensor
 from ..backend import Array
 from ..nn.module import Module, Parameter
+from .config import PeftConfig
 from .lora import _AdapterDict, base_layout
 
 __all__ = [
@@ -50,9 +53,15 @@ _EPS_RANKNUM = 1e-5  # PEFT adds this to ranknum in the scaling
 
 
 @dataclass
-class AdaLoraConfig:
-    """AdaLoRA hyperparameters (names and defaults as HF PEFT's ``AdaLoraConfig``)."""
+class AdaLoraConfig(PeftConfig):
+    """AdaLoRA hyperparameters — HF PEFT's ``AdaLoraConfig`` names and defaults.
 
+    ``rank_pattern`` maps ``"<module>.lora_E"`` to the kept triplets (a list of booleans),
+    as PEFT writes it into ``adapter_config.json``. ``r`` is accepted and ignored, as PEFT
+    does (the initial rank is ``init_r``).
+    """
+
+    peft_type: ClassVar[str] = "ADALORA"
     target_r: int = 8
     init_r: int = 12
     tinit: int = 0
@@ -64,11 +73,27 @@ class AdaLoraConfig:
     total_step: int | None = None
     lora_alpha: float = 8.0
     lora_dropout: float = 0.0
-    target_modules: list[str] | str | None = None
     rank_pattern: dict[str, list[bool]] | None = None
-    fan_in_fan_out: bool = False
+    r: int = 8
+    bias: str = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: bool = True
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.bias != "none" or self.use_rslora or self.use_dora or self.alpha_pattern:
+            raise ValueError(
+                "bias/use_rslora/use_dora/alpha_pattern: AdaLoRA supports none of these "
+                f"(got bias={self.bias!r}, use_rslora={self.use_rslora}, "
+                f"use_dora={self.use_dora}, alpha_pattern={self.alpha_pattern})"
+            )
+        if self.init_lora_weights is not True:
+            raise ValueError(
+                f"init_lora_weights: AdaLoRA initializes Λ = 0, P, Q ~ N(0, 0.02²); "
+                f"got {self.init_lora_weights!r}"
+            )
         for name in ("target_r", "init_r"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -223,6 +248,7 @@ class SVDLinear(Module):
         setattr(self.lora_E, adapter_name, Parameter(np.zeros((r, 1), dtype=dt)))  # Λ = 0
         setattr(self.lora_B, adapter_name, Parameter(p))
         self.disabled = False
+        self.merged = False
 
     @property
     def A(self) -> Parameter:
@@ -251,7 +277,7 @@ class SVDLinear(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.base_layer(x)
-        if self.disabled:
+        if self.disabled or self.merged:
             return h
         xd = ops.dropout(x, self.lora_dropout, self.training)
         return h + svd_delta(xd, self.A, self.E, self.B, self.scaling)
@@ -260,6 +286,45 @@ class SVDLinear(Module):
         """ΔW = c·P·(Λ ⊙ Q) in the base's layout ((out, in), or (in, out) for Conv1D)."""
         d = self.scaling * (self.B.data @ (self.A.data * self.E.data))  # (out, in)
         return d.T if self.fan_in_fan_out else d
+
+    def merge(self) -> None:
+        """W₀ ← W₀ + ΔW (exact inverse: ``unmerge``)."""
+        if self.merged:
+            return
+        self.base_layer.weight.data += self.delta_weight().astype(self.base_layer.weight.dtype)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        self.base_layer.weight.data -= self.delta_weight().astype(self.base_layer.weight.dtype)
+        self.merged = False
+
+    @contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Run the base layer alone inside the block."""
+        old, was_merged = self.disabled, self.merged
+        self.unmerge()
+        self.disabled = True
+        try:
+            yield
+        finally:
+            self.disabled = old
+            if was_merged:
+                self.merge()
+
+    def resize(self, keep: list[bool]) -> None:
+        """Keep only the triplets marked True (PEFT's ``resize_modules_by_rank_pattern``).
+
+        ranknum stays at the initial rank, so the scaling — and the update — are unchanged.
+        """
+        kept = prune_to_rank_pattern(self, keep)
+        rank = int(np.count_nonzero(keep))
+        if rank < 1:
+            raise ValueError(f"keep: a layer must keep at least one triplet, got {keep}")
+        self.r = rank
+        for kind in ("lora_A", "lora_E", "lora_B"):
+            setattr(getattr(self, kind), self.adapter_name, Parameter(kept[kind]))
 
     def effective_rank(self) -> int:
         """Number of singular values Λᵢ that are not masked to zero."""

@@ -182,6 +182,10 @@ _TYPES: dict[str, type[PeftConfig]] = {"LORA": LoraConfig, "VERA": VeraConfig, "
 
 def config_from_dict(d: dict[str, Any]) -> PeftConfig:
     """The config object for an ``adapter_config.json`` (dispatch on ``peft_type``)."""
+    if "ADALORA" not in _TYPES:  # registered lazily: adalora.py imports this module
+        from .adalora import AdaLoraConfig
+
+        _TYPES["ADALORA"] = AdaLoraConfig
     t = d.get("peft_type")
     if t not in _TYPES:
         raise ValueError(f"peft_type: expected one of {sorted(_TYPES)}, got {t!r}")

@@ -274,6 +274,13 @@ class PeftModel(Module):
     def get_base_model(self) -> Module:
         return self.base_model.model
 
+    def __getattr__(self, name: str) -> Any:
+        """Attributes the wrapper lacks come from the base model (``model.loss(...)``)."""
+        base = self.__dict__.get("base_model")
+        if name.startswith("_") or base is None:
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        return getattr(base.model, name)
+
     # ---------------------------------------------------------------- running
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model.model(*args, **kwargs)

@@ -81,7 +81,9 @@ def _importance() -> Outcome:
     from minipeft import dtype_policy
     from minipeft.nn import Linear
 
-    cfg = adalora.AdaLoraConfig(init_r=2, target_r=1, total_step=100, beta1=0.85, beta2=0.7)
+    cfg = adalora.AdaLoraConfig(
+        target_modules=["m"], init_r=2, target_r=1, total_step=100, beta1=0.85, beta2=0.7
+    )
     with dtype_policy("float64"):
         layer = adalora.SVDLinear(Linear(3, 2), r=2, lora_alpha=8)
     alloc = adalora.RankAllocator({"m": layer}, cfg)
@@ -117,7 +119,9 @@ def _triplet() -> Outcome:
 @equation("adalora.budget", what="cubic budget b(t) with warm-up and final phase (exact rationals)",
           derivation="adalora.md", implements=adalora.budget_schedule, tol=0.0)  # fmt: skip
 def _budget() -> Outcome:
-    cfg = adalora.AdaLoraConfig(init_r=12, target_r=4, tinit=7, tfinal=11, deltaT=3, total_step=97)
+    cfg = adalora.AdaLoraConfig(
+        target_modules=["m"], init_r=12, target_r=4, tinit=7, tfinal=11, deltaT=3, total_step=97
+    )
     b0, bt = 12 * 9, 4 * 9
     worst = 0
     got_all = []
