@@ -166,7 +166,8 @@ def measure_double_quant_artifacts(
         tp, qs = F.quantize_4bit(
             torch.from_numpy(w), blocksize=64, quant_type="nf4", compress_statistics=True
         )
-        assert np.array_equal(packed, tp.numpy().reshape(-1)), "first-level codes must agree"
+        if not np.array_equal(packed, tp.numpy().reshape(-1)):
+            raise RuntimeError("first-level 4-bit codes differ from bitsandbytes'")
         q_b = qs.absmax.numpy()
         off_b = np.float32(qs.offset.item())
         n_t += 1
