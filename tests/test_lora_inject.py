@@ -125,7 +125,7 @@ def test_peft_model_trains_and_merges_on_gpt2():
     )  # fmt: skip
     model.eval()
     ids = np.array([[1, 2, 3, 4]])
-    loss = model.get_base_model().loss(ids)
+    loss = model.loss(ids)  # attributes the wrapper lacks come from the base model
     loss.backward()
     got = {n for n, p in model.named_parameters() if p.grad is not None}
     assert got == {n for n, p in model.named_parameters() if p.requires_grad}
