@@ -277,6 +277,8 @@ def test_lecture_double_quant_error_is_1e_minus_6():
     mse = np.mean((lecture_double_dequantize(q, cmax).astype(np.float64) - c) ** 2)
     np.testing.assert_allclose(mse, 1 / (12 * 255**2), rtol=0.02)
     assert 1.2e-6 < mse < 1.35e-6
+    with pytest.raises(ValueError, match="non-negative"):  # the lecture's example: randn
+        lecture_double_quantize(np.array([0.5, -0.2], np.float32))
 
 
 # ------------------------------------------------------------------------------ kernels

@@ -126,6 +126,12 @@ def lecture_double_quantize(absmax: np.ndarray) -> tuple[np.ndarray, np.float32]
     a linear code; its step c_max/255 gives a mean squared error c_max²/(12·255²).
     """
     c = np.asarray(absmax, dtype=np.float64).reshape(-1)
+    if c.size == 0 or not np.all(np.isfinite(c)) or c.min() < 0:
+        # the lecture's own example feeds N(0, 1) draws: negative values wrap around in uint8
+        raise ValueError(
+            "absmax: expected finite non-negative constants (absmax values), got "
+            f"min {c.min() if c.size else 'n/a'}"
+        )
     cmax = np.float32(c.max())
     q = np.rint(c / cmax * 255.0).astype(np.uint8)  # q = round(c/c_max · 255)
     return q, cmax
