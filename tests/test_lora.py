@@ -282,3 +282,22 @@ def test_bad_inputs_raise_clear_errors():
         layer.add_adapter("x", r=1, lora_alpha=1)
     with pytest.raises(ValueError, match="in_features"):
         layer(Tensor(np.zeros((2, 5))))
+
+
+@given(st.integers(1, 6), st.integers(1, 6), st.integers(0, 2**31 - 1))
+def test_non_contiguous_inputs_give_the_same_result(d_in, d_out, seed):
+    """Transposed / sliced views (as produced by reshapes upstream) change nothing."""
+    rng = np.random.default_rng(seed)
+    r = int(rng.integers(1, min(d_in, d_out) + 1))
+    x_t = rng.standard_normal((d_in, 5)).T  # (5, in), a transposed view
+    w_big = rng.standard_normal((d_out, 2 * d_in))[:, ::2]  # (out, in), strided
+    a, b = rng.standard_normal((r, d_in)), rng.standard_normal((d_out, r))
+    g = rng.standard_normal((5, d_out))
+    results = []
+    for xx, ww in ((x_t, w_big), (np.ascontiguousarray(x_t), np.ascontiguousarray(w_big))):
+        tx, ta, tb = (Tensor(v, requires_grad=True) for v in (xx, a, b))
+        y = lora_linear(tx, Tensor(ww), None, [(ta, tb, 0.5)])
+        y.backward(g)
+        results.append((y.data, tx.grad, ta.grad, tb.grad))
+    for u, v in zip(*results):
+        np.testing.assert_allclose(u, v, rtol=1e-12, atol=1e-12)
