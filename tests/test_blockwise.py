@@ -315,6 +315,16 @@ def test_numba_equals_numpy(n, bs, qt):
     assert d_nb.tobytes() == d_ref.tobytes()  # bit for bit (signed zeros included)
 
 
+@given(x=arrays(), qt=st.sampled_from(QTYPES), bs=st.sampled_from([32, 64, 256]))
+def test_numba_equals_numpy_property(x, qt, bs):
+    p_ref, s_ref = quantize_4bit(x, bs, qt)
+    p_nb, s_nb = quantize_4bit(x, bs, qt, kernel="numba")
+    assert p_nb.tobytes() == p_ref.tobytes() and s_nb.absmax.tobytes() == s_ref.absmax.tobytes()
+    assert dequantize_4bit(p_ref, s_ref, kernel="numba").tobytes() == (
+        dequantize_4bit(p_ref, s_ref).tobytes()
+    )
+
+
 def test_numba_disabled_jit_subprocess():
     code = textwrap.dedent(
         """
