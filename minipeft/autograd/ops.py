@@ -392,10 +392,19 @@ class MatMul(Function):
         self.a = a if self.needs_input_grad[1] else None
         self.b = b if self.needs_input_grad[0] else None
         self.sa, self.sb = a.shape, b.shape
+        if a.ndim > 2 and b.ndim == 2:  # (..., k)·(k, n): one GEMM over all rows, not a batch
+            return (a.reshape(-1, a.shape[-1]) @ b).reshape(*a.shape[:-1], b.shape[-1])
         return a @ b
 
     def backward(self, g: Array) -> Any:
         ga = gb = None
+        if len(self.sa) > 2 and len(self.sb) == 2:  # folded rows: Ā = ḡ·Bᵀ, B̄ = Σ Aᵀ·ḡ as GEMMs
+            g2 = g.reshape(-1, g.shape[-1])  # (N, n)
+            if self.needs_input_grad[0]:
+                ga = (g2 @ self.b.swapaxes(-1, -2)).reshape(self.sa)  # (..., k)
+            if self.needs_input_grad[1]:
+                gb = self.a.reshape(-1, self.sa[-1]).swapaxes(-1, -2) @ g2  # (k, n)
+            return ga, gb
         if self.needs_input_grad[0]:
             ga = unbroadcast(g @ self.b.swapaxes(-1, -2), self.sa)
         if self.needs_input_grad[1]:
