@@ -222,6 +222,8 @@ def train(
     checkpoint: str | Path | None = None,
     resume: bool = False,
     callback: Callable[[int, TrainResult], None] | None = None,
+    extra_loss: Callable[[], Tensor] | None = None,
+    after_step: Callable[[int], None] | None = None,
     progress: bool = True,
     threads: int | None = 1,
 ) -> TrainResult:
@@ -232,6 +234,11 @@ def train(
     checkpoint: a directory; the state is saved there at every evaluation and at the end.
         With ``resume=True`` and a checkpoint present, training continues from it.
     callback: called as ``callback(step, result)`` after every evaluation.
+    extra_loss: a term added to the loss of every step (AdaLoRA's
+        ``model.orthogonal_regularization``); the recorded loss is the task loss alone.
+    after_step: called as ``after_step(step)`` after the optimizer step, before the gradients
+        are cleared (AdaLoRA's ``model.update_and_allocate``, in HF PEFT's order). Its state
+        is the caller's: a resumed run does not restore it.
     threads: BLAS threads during training (default 1: on a shared machine a multi-threaded
         BLAS that waits for busy cores made steps ~15× slower here); None leaves BLAS alone.
     The model is left in eval mode.
@@ -241,7 +248,7 @@ def train(
             model, task, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
             param_groups=param_groups, seed=seed, eval_every=eval_every, eval_split=eval_split,
             memory_steps=memory_steps, checkpoint=checkpoint, resume=resume, callback=callback,
-            progress=progress,
+            extra_loss=extra_loss, after_step=after_step, progress=progress,
         )  # fmt: skip
 
 
@@ -275,6 +282,8 @@ def _train(
     checkpoint: str | Path | None,
     resume: bool,
     callback: Callable[[int, TrainResult], None] | None,
+    extra_loss: Callable[[], Tensor] | None,
+    after_step: Callable[[int], None] | None,
     progress: bool,
 ) -> TrainResult:
     from tqdm.auto import tqdm
@@ -315,9 +324,12 @@ def _train(
         backend.seed(seed * 1_000_003 + step)  # dropout masks fixed by (seed, step)
         ids, mask, labels = data.batch(_batch_indices(len(data), batch_size, seed, step))
         loss = ops.cross_entropy(model(ids, mask), labels)
+        total = loss if extra_loss is None else loss + extra_loss()
         opt.zero_grad()
-        loss.backward()
+        total.backward()
         opt.step()
+        if after_step is not None:
+            after_step(step)
         dt = time.perf_counter() - t0
         if trace:
             result.peak_bytes = max(result.peak_bytes, tracemalloc.get_traced_memory()[1] - base)
