@@ -217,6 +217,9 @@ def add_adapters(
 ) -> int:
     """Freeze ``model`` and insert bottleneck adapters in place; return the trainable count.
 
+    Count: L̂_Adpt·(2·C·r + r + C) (+ 2·L̂_LN·C with ``train_layernorm``), L̂_Adpt = 2L
+    (Houlsby) or L (Pfeiffer), the LoRA paper's AdapterH/AdapterL formula.   [adapters.count]
+
     Houlsby: 2 adapters per layer; Pfeiffer: 1. With ``train_layernorm`` the layers'
     LayerNorms (not the embeddings' or the final one) are trained too, as in Houlsby et
     al. and the LoRA paper's AdapterH count 2·L̂_LN·d_model.

@@ -49,6 +49,7 @@ __all__ = [
     "model_spec",
     "prefix_gate",
     "prefix_grads",
+    "prepend_prompt",
 ]
 
 
@@ -285,6 +286,20 @@ class PrefixLayer(Module):
 
 
 # ---------------------------------------------------------------------------- the wrapper
+def prepend_prompt(soft: Tensor, emb: Tensor) -> Tensor:
+    """X_b = [E_p; E(ids_b)] for every sequence b: (P, C), (B, T, C) → (B, P + T, C).
+
+    The same E_p is used by every sequence (a broadcast), so its gradient is the sum over
+    the batch of the input-gradient rows of the virtual positions:
+    Ē_p = Σ_b X̄_b[:P].   [prompt.grad]
+    """
+    b = emb.shape[0]
+    p, c = soft.shape
+    zeros = Tensor(backend.xp_of(emb.data).zeros((b, 1, 1), dtype=emb.dtype))
+    rows = ops.reshape(soft, (1, p, c)) + zeros  # (B, P, C): broadcast, summed in backward
+    return ops.concat([rows, emb], axis=1)  # (B, P + T, C)
+
+
 class PromptedModel(Module):
     """A frozen GPT-2/BERT with a virtual-token method; outputs cover the real tokens only.
 
@@ -327,12 +342,7 @@ class PromptedModel(Module):
             if self.spec.kind == "gpt2"
             else self.base.embeddings.word_embeddings
         )
-        emb = table(ids)  # (B, T, C)
-        soft = self.prompt.prompt_embeddings()  # (P, C)
-        soft = ops.reshape(soft, (1, p, self.spec.hidden)) + Tensor(
-            backend.xp_of(emb.data).zeros((b, 1, 1), dtype=emb.dtype)
-        )  # (B, P, C)
-        kw["inputs_embeds"] = ops.concat([soft, emb], axis=1)  # (B, P + T, C)
+        kw["inputs_embeds"] = prepend_prompt(self.prompt.prompt_embeddings(), table(ids))
         m = np.ones((b, t), dtype=np.int64) if attention_mask is None else attention_mask
         m = np.asarray(getattr(m, "data", m)).astype(np.int64)
         kw["attention_mask"] = np.concatenate([np.ones((b, p), dtype=np.int64), m], axis=1)
