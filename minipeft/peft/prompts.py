@@ -367,7 +367,11 @@ class PromptedModel(Module):
         return self.base(ids, **kw)
 
     def loss(self, input_ids: Any, labels: Any = None, attention_mask: Any = None) -> Tensor:
-        """GPT-2's next-token loss on the real tokens (virtual positions carry label −100)."""
+        """GPT-2's next-token loss over the real tokens, with HF PEFT's conventions.
+
+        Prompt tuning: the virtual positions carry label −100, so the last one predicts the
+        first real token. Key/value prefixes: tokens 1…T−1 are predicted, as without prefix.
+        """
         if self.spec.kind != "gpt2":
             raise TypeError("loss: only for GPT-2 (use a task head on BERT's states)")
         ids = np.asarray(getattr(input_ids, "data", input_ids))
