@@ -11,7 +11,6 @@ axes (``unbroadcast``) so that x̄ has x's shape.
 from __future__ import annotations
 
 import builtins
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,7 +23,7 @@ from .tensor import Function, Tensor, _coerce_inputs, as_tensor
 __all__ = [
     "add", "astype", "concat", "cross_entropy", "div", "dropout", "embedding", "exp", "gelu",
     "getitem", "layer_norm", "log", "log_softmax", "masked_fill", "matmul", "max", "mean",
-    "mul", "neg", "pow", "relu", "reshape", "sigmoid", "softmax", "sqrt", "stack", "sub",
+    "mul", "neg", "pow", "relu", "reshape", "sigmoid", "softmax", "split", "sqrt", "stack", "sub",
     "sum", "tanh", "transpose", "unbroadcast", "var", "where",
 ]  # fmt: skip
 
@@ -255,9 +254,17 @@ class Relu(Function):
         return g * self.mask
 
 
-_GELU_C = math.sqrt(2.0 / math.pi)
-_GELU_K = 0.044715
-_GELU_CLIP = 20.0  # u(±20) ≈ ±301: tanh is exactly ±1 there in float32 and float64
+def _gelu_arrays(x: Array, need_grad: bool) -> tuple[Array, Array | None]:
+    """(y, y') of the tanh-form GELU: the fused Numba kernel for NumPy float32/float64
+    arrays (one pass for y and y' after NumPy's exp), the NumPy/CuPy reference otherwise
+    (CuPy arrays, other dtypes, or ``NUMBA_DISABLE_JIT=1``, where the kernel's loops would run
+    as Python). float64: the two agree bit for bit; float32: the kernel is the float64 value
+    rounded once (minipeft/kernels/cpu/elementwise.py)."""
+    from ..kernels.cpu import elementwise  # on first use: importing Numba takes ~0.6 s
+
+    if isinstance(x, np.ndarray) and x.dtype in (np.float32, np.float64) and elementwise.JIT:
+        return elementwise.gelu_fused(x, need_grad)
+    return elementwise.gelu_reference(x, need_grad)
 
 
 class Gelu(Function):
@@ -269,28 +276,19 @@ class Gelu(Function):
     Evaluated through s = ½(1 + t) = σ(2u), so that ½(1 − t²) = 2s(1 − s):
     y = x·s,  x̄ = ḡ ⊙ [s + 2x·s(1 − s)·u'].  The same function, but 1 + t cancels for
     x ≪ 0: relative error 2.8·10⁻¹⁰ at x = −5, 2.7·10⁻⁷ at −6, 100 % at −8 (0 returned);
-    σ(2u) keeps ~10⁻¹⁵.
+    σ(2u) keeps ~10⁻¹⁵. x is clipped to ±20 inside u (σ(2u) is exactly 0 or 1 there).
+
+    Forward computes y and y' = dy/dx together (``kernels.cpu.elementwise.gelu_fused``)
+    and saves y' alone — one array, the size of x; backward is x̄ = ḡ ⊙ y'.
     """
 
     def forward(self, x: Array) -> Array:
-        xp = backend.xp_of(x)
-        self.x = x
-        # s depends on x only where it is not saturated; clipping keeps x³ from overflowing
-        xc = xp.clip(x, -_GELU_CLIP, _GELU_CLIP)
-        # u = c(x + k x³),  s = σ(2u) = ½(1 + tanh u)
-        self.s, _, _ = _stable_sigmoid(2 * _GELU_C * (xc + _GELU_K * xc * xc * xc))
-        # y = ½x(1 + t) = x·s
-        return x * self.s
+        y, self.dydx = _gelu_arrays(x, need_grad=self.needs_input_grad[0])
+        return y
 
     def backward(self, g: Array) -> Any:
-        x, s = self.x, self.s  # two saved arrays, as x and t were
-        xc = backend.xp_of(x).clip(x, -_GELU_CLIP, _GELU_CLIP)
-        # du/dx = c(1 + 3k x²)
-        dudx = _GELU_C * (1 + 3 * _GELU_K * xc * xc)
-        # x̄ = ḡ ⊙ [½(1 + t) + ½x(1 − t²)·du/dx] = ḡ ⊙ [s + 2x·s(1 − s)·du/dx]
-        # (s(1 − s) is accurate where it matters: for x ≪ 0, 1 − s = 1; for x ≫ 0 the
-        # term is added to s ≈ 1 and its cancellation stays below 10⁻¹⁵ absolute)
-        return g * (s + 2 * x * (s * (1 - s)) * dudx)
+        # x̄ = ḡ ⊙ y',  y' = s + 2x·s(1 − s)·du/dx  (computed in forward)
+        return g * self.dydx
 
 
 class Cast(Function):
@@ -593,6 +591,59 @@ class Concat(Function):
             sl[self.axis] = slice(int(self.bounds[i]), int(self.bounds[i + 1]))
             out.append(g[tuple(sl)])
         return tuple(out)
+
+
+class Split(Function):
+    """y₁, …, yₙ = consecutive pieces of x along an axis (views).   (concat's inverse)
+
+    x̄ = [ḡ₁, …, ḡₙ] concatenated along the axis (derivations/autograd.md, ops.concat: the
+    pieces partition x, so each element of x̄ is exactly one ḡᵢ entry), zeros for a piece
+    that no gradient reached. One Function with n outputs, so x̄ is built once — n getitem
+    ops would each allocate a zero-filled x-sized array and the engine would add them.
+    """
+
+    def forward(self, x: Array, sizes: Any, axis: Any) -> tuple[Array, ...]:
+        self.shape, self.axis = x.shape, axis
+        self.bounds = np.cumsum((0, *sizes))  # piece i is [bounds[i], bounds[i+1])
+        return tuple(x[self._piece(i)] for i in range(len(sizes)))
+
+    def _piece(self, i: int) -> tuple[slice, ...]:
+        sl = [slice(None)] * len(self.shape)
+        sl[self.axis] = slice(int(self.bounds[i]), int(self.bounds[i + 1]))
+        return tuple(sl)
+
+    def backward(self, *gs: Array) -> Any:
+        present = [g for g in gs if g is not None]
+        xp = backend.xp_of(*present)
+        if len(present) == len(gs):
+            return xp.concatenate(gs, axis=self.axis)  # x̄ = [ḡ₁, …, ḡₙ]
+        out = xp.empty(self.shape, dtype=present[0].dtype)
+        for i, g in enumerate(gs):
+            out[self._piece(i)] = 0 if g is None else g  # an unused piece passes no gradient
+        return out
+
+
+def split(x: Tensor, sizes: int | Sequence[int], axis: int = 0) -> tuple[Tensor, ...]:
+    """Cut ``x`` along ``axis`` into pieces of the given lengths ``sizes`` (adding up to the
+    axis length; ``torch.split`` with a list), or into ``sizes`` equal pieces when it is an
+    int (``np.split``'s meaning; ``torch.split`` would read an int as a piece length).
+    Returns a tuple of Tensors, views of x."""
+    x = as_tensor(x)
+    if x.ndim == 0 or not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis: {axis} is out of range for a tensor with {x.ndim} dimensions")
+    ax = axis % x.ndim
+    n = x.shape[ax]
+    if isinstance(sizes, int | np.integer):
+        if sizes <= 0 or n % sizes:
+            raise ValueError(f"sizes: cannot cut an axis of length {n} into {sizes} equal pieces")
+        sizes = [n // int(sizes)] * int(sizes)
+    sizes = [int(s) for s in sizes]
+    if not sizes or any(s < 0 for s in sizes) or builtins.sum(sizes) != n:
+        raise ValueError(
+            f"sizes: expected non-negative piece lengths adding up to {n} (axis {axis} of "
+            f"shape {x.shape}), got {sizes}"
+        )
+    return Split.apply(x, sizes=tuple(sizes), axis=ax)
 
 
 def reshape(x: Tensor, shape: Sequence[int]) -> Tensor:

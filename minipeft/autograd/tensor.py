@@ -12,6 +12,10 @@ gradient and gradients are enabled, records the function on the output. ``backwa
 walks the recorded graph in reverse topological order and accumulates ``grad += ...``
 (a node used twice receives the sum of both contributions — the multivariate chain rule).
 
+A Function may return several arrays (``split``): each becomes a Tensor recording the same
+Function and its position ``_out``, and backward calls ``fn.backward(ḡ₁, …, ḡₙ)`` once, when
+the last of those outputs has its gradient; an output that no gradient reached gives None.
+
 Frozen weights are the point of PEFT: ``backward`` is told which inputs need a gradient
 (``self.needs_input_grad``) and must return ``None`` for the others without computing
 anything; the engine never allocates a ``grad`` for a tensor with ``requires_grad=False``.
@@ -20,6 +24,7 @@ anything; the engine never allocates a ``grad`` for a tensor with ``requires_gra
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -69,7 +74,7 @@ def _as_array(data: Any, dtype: Any = None) -> Any:
 class Tensor:
     """An array with an optional gradient and a link to the Function that made it."""
 
-    __slots__ = ("__weakref__", "_ctx", "data", "grad", "name", "requires_grad")
+    __slots__ = ("__weakref__", "_ctx", "_out", "data", "grad", "name", "requires_grad")
     __array_priority__ = 1000  # so ndarray + Tensor dispatches to Tensor.__radd__
 
     def __init__(
@@ -84,6 +89,7 @@ class Tensor:
         self.requires_grad = bool(requires_grad)
         self.grad: Any = None
         self._ctx: Function | None = None
+        self._out = 0  # which output of _ctx this tensor is
         self.name = name
 
     # ------------------------------------------------------------------ introspection
@@ -163,18 +169,29 @@ class Tensor:
 
         order = _topological_order(self)
         grads: dict[int, Any] = {id(self): grad}
+        # a Function runs once all of its outputs in this graph have their gradients
+        waiting = Counter(id(node._ctx) for node in order if node._ctx is not None)
+        out_grads: dict[int, list[Any]] = {}  # ḡ of each output, by Function
         for node in order:  # outputs before inputs
             g = grads.pop(id(node), None)
-            if g is None:
-                continue
             fn = node._ctx
             if fn is None:  # a leaf: accumulate into .grad
+                if g is None:
+                    continue
                 if node.grad is None:
                     node.grad = g.copy()  # g may be shared with other nodes
                 else:
                     node.grad += g
                 continue
-            in_grads = fn.backward(g)
+            slots = out_grads.setdefault(id(fn), [None] * fn.n_outputs)
+            slots[node._out] = g
+            waiting[id(fn)] -= 1
+            if waiting[id(fn)]:
+                continue  # another output of fn comes later in the order
+            del out_grads[id(fn)]
+            if all(s is None for s in slots):
+                continue
+            in_grads = fn.backward(*slots)
             if not isinstance(in_grads, tuple):
                 in_grads = (in_grads,)
             if len(in_grads) != len(fn.parents):
@@ -404,42 +421,57 @@ class Function:
     ``backward(self, grad)`` returning one gradient (or ``None``) per array input; they
     save what backward needs on ``self`` and consult ``self.needs_input_grad``.
     ``backward`` must not modify ``grad`` in place (it may be shared).
+
+    A forward that returns a tuple of n arrays makes n output Tensors; its backward then
+    takes n upstream gradients, ``backward(self, g1, ..., gn)``, None for an output that
+    no gradient reached (not used by the loss).
     """
 
     parents: tuple[Tensor, ...] = ()
     needs_input_grad: tuple[bool, ...] = ()
+    n_outputs: int = 1
 
     @classmethod
-    def apply(cls, *inputs: Any, **params: Any) -> Tensor:
+    def apply(cls, *inputs: Any, **params: Any) -> Any:
+        """The output Tensor, or a tuple of them when forward returns a tuple."""
         tensors = _coerce_inputs(inputs)
         fn = cls()
         # Under no_grad nothing needs a gradient, so forward saves nothing for backward.
         fn.needs_input_grad = tuple(_GRAD_ENABLED and t.requires_grad for t in tensors)
         out = fn.forward(*(t.data for t in tensors), **params)
-        if isinstance(out, np.generic):  # NumPy reductions return scalars; keep arrays
-            out = np.asarray(out)
+        several = isinstance(out, tuple)
+        outs = out if several else (out,)
         record = any(fn.needs_input_grad)
-        result = Tensor.__new__(Tensor)
-        result.data = out
-        result.grad = None
-        result.name = None
-        result.requires_grad = record
-        result._ctx = None
         if record:
             fn.parents = tensors
-            result._ctx = fn
-        return result
+            fn.n_outputs = len(outs)
+        results = tuple(_output(o, fn if record else None, i) for i, o in enumerate(outs))
+        return results if several else results[0]
 
     def forward(self, *arrays: Any, **params: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} defines no forward")
 
-    def backward(self, grad: Any) -> Any:  # pragma: no cover - abstract
+    def backward(self, *grads: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} defines no backward")
 
     def release(self) -> None:
         """Drop saved arrays once backward has run (graphs are used once)."""
         self.__dict__.clear()
         self.parents = None  # type: ignore[assignment]
+
+
+def _output(data: Any, fn: Function | None, index: int) -> Tensor:
+    """Output ``index`` of ``fn`` (None: not recorded) as a Tensor around ``data``."""
+    if isinstance(data, np.generic):  # NumPy reductions return scalars; keep arrays
+        data = np.asarray(data)
+    result = Tensor.__new__(Tensor)
+    result.data = data
+    result.grad = None
+    result.name = None
+    result.requires_grad = fn is not None
+    result._ctx = fn
+    result._out = index
+    return result
 
 
 def _coerce_inputs(inputs: Sequence[Any]) -> tuple[Tensor, ...]:

@@ -238,10 +238,9 @@ class GPT2Attention(Module):
         """x (B, T, C) → (B, T, C). ``attn_mask`` bool, broadcastable to (B, 1, T, P + T)."""
         b, t, c = x.shape
         h, d = self.n_head, self.head_dim
-        qkv = self.c_attn(x)  # (B, T, 3C)
-        qkv = ops.reshape(qkv, (b, t, 3, h, d))  # (B, T, 3, H, d)
-        qkv = ops.transpose(qkv, (2, 0, 3, 1, 4))  # (3, B, H, T, d)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, H, T, d)
+        q, k, v = ops.split(self.c_attn(x), 3, axis=-1)  # each (B, T, C), views of (B, T, 3C)
+        # each (B, T, C) → (B, T, H, d) → (B, H, T, d)
+        q, k, v = (ops.transpose(ops.reshape(z, (b, t, h, d)), (0, 2, 1, 3)) for z in (q, k, v))
         if prefix is not None:
             pk, pv = prefix
             k = ops.concat([pk, k], axis=2)  # (B, H, P + T, d)

@@ -1,0 +1,149 @@
+"""Numba kernels for the elementwise hot spots of a training step, each beside its NumPy
+reference (derivations/autograd.md, ``ops.gelu``).
+
+GELU, tanh form (GPT-2's ``gelu_new``), with c = √(2/π), k = 0.044715:
+
+    u = c(x + k x³),   s = σ(2u) = ½(1 + tanh u)
+    y = x·s                                  (= ½x(1 + tanh u))
+    y' = s + 2x·s(1 − s)·c(1 + 3k x²)        (= ½(1 + t) + ½x(1 − t²)·u')
+
+σ(2u) is evaluated as 1/(1 + e) for u ≥ 0 and e/(1 + e) for u < 0, with e = e^{−|2u|}:
+it never overflows and keeps full relative accuracy in both tails (``ops.Gelu`` explains
+why the tanh form does not). x is clipped to ±20 inside u only (u(±20) ≈ ±301, where σ is
+exactly 0 or 1), so x³ cannot overflow.
+
+The NumPy reference ``gelu_reference`` evaluates that with array operations in the input's
+dtype (float32 arithmetic for float32 input): about a dozen full-size temporaries, and its
+backward needs x and s again. ``gelu_fused`` computes y and y' together and returns y', so
+that backward is one product, x̄ = ḡ ⊙ y': one saved array, the size of x. Each element
+goes through the reference's operations in the reference's order, in float64, rounded once
+to the input's dtype:
+
+* float64 input: the same arithmetic, and the same NumPy ``exp``: equal to the reference
+  bit for bit (tested);
+* float32 input: the kernel is the more accurate of the two (one rounding instead of a
+  dozen; the float32 reference loses up to ~200 ulp of y in the tails, where e^{−|2u|} has
+  condition number |2u| ≈ 300, and many ulp of y' near its zero at x ≈ −0.75, where its two
+  terms cancel). The kernel is within 1 ulp of the float64 reference rounded to float32,
+  and within the float32 reference's own error of it (tests/test_kernels_elementwise.py).
+
+Speed notes. ``math.exp`` inside a Numba loop is a scalar libm call, ~15× slower than
+NumPy's vectorized ``exp``; so the exponential is one NumPy call between two Numba sweeps.
+``error_model="numpy"`` (IEEE division, as NumPy: no ZeroDivisionError check) lets LLVM
+vectorize the sweeps; the branch of σ is a select, so random signs cost no mispredictions.
+
+``@njit(cache=True, error_model="numpy")``, one thread (no ``parallel``), no ``fastmath``
+(no reassociation, no contraction into FMA: the operations are the reference's). With
+``NUMBA_DISABLE_JIT=1`` the same loops run as Python and give the same values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import njit
+
+from ... import backend
+from ...backend import Array
+
+__all__ = ["GELU_C", "GELU_CLIP", "GELU_K", "JIT", "gelu_fused", "gelu_reference"]
+
+#: whether Numba compiles (False under ``NUMBA_DISABLE_JIT=1``: the loops would run as Python)
+JIT = not numba.config.DISABLE_JIT
+
+GELU_C = math.sqrt(2.0 / math.pi)
+GELU_K = 0.044715
+GELU_CLIP = 20.0  # u(±20) ≈ ±301: σ(2u) is exactly 0 or 1 there in float32 and float64
+
+
+# ---------------------------------------------------------------------------- GELU
+def gelu_reference(x: Array, need_grad: bool = True) -> tuple[Array, Array | None]:
+    """(y, y') of the tanh-form GELU with array operations in x's dtype (NumPy or CuPy);
+    y' is None when ``need_grad`` is false (derivations/autograd.md, ops.gelu)."""
+    xp = backend.xp_of(x)
+    # s depends on x only where it is not saturated; clipping keeps x³ from overflowing
+    xc = xp.clip(x, -GELU_CLIP, GELU_CLIP)
+    # z = 2u = 2c(x + k x³)
+    z = 2 * GELU_C * (xc + GELU_K * xc * xc * xc)
+    # s = σ(z) = 1/(1 + e) for z ≥ 0, e/(1 + e) for z < 0, with e = e^{−|z|}
+    e = xp.exp(-xp.abs(z))
+    den = 1 + e
+    s = xp.where(z >= 0, 1 / den, e / den)
+    y = x * s  # y = ½x(1 + t) = x·s
+    if not need_grad:
+        return y, None
+    # du/dx = c(1 + 3k x²)
+    dudx = GELU_C * (1 + 3 * GELU_K * xc * xc)
+    # y' = ½(1 + t) + ½x(1 − t²)·du/dx = s + 2x·s(1 − s)·du/dx
+    return y, s + 2 * x * (s * (1 - s)) * dudx
+
+
+@njit(cache=True, error_model="numpy")
+def _gelu_exponent(x: Array, w: Array) -> None:  # pragma: no cover - compiled
+    """w[i] = −|z_i| with z = 2u = 2c(x + k x³), x clipped to ±20, in float64."""
+    c = math.sqrt(2.0 / math.pi)
+    k = 0.044715
+    for i in range(x.shape[0]):
+        xc = _clip(np.float64(x[i]))
+        # z = 2u = 2c(x + k x³)
+        z = 2.0 * c * (xc + k * xc * xc * xc)
+        w[i] = -abs(z)
+
+
+@njit(cache=True, error_model="numpy")
+def _clip(xi: float) -> float:  # pragma: no cover - compiled
+    """x clipped to ±20; NaN passes through both comparisons unchanged, as in np.clip."""
+    if xi > 20.0:
+        return 20.0
+    if xi < -20.0:
+        return -20.0
+    return xi
+
+
+@njit(cache=True, error_model="numpy")
+def _gelu_from_exp(  # pragma: no cover - compiled
+    x: Array, e: Array, y: Array, dy: Array, need_grad: bool
+) -> None:
+    """y[i] = GELU(x[i]) and, if ``need_grad``, dy[i] = GELU'(x[i]) from e[i] = e^{−|2u|},
+    in float64 with ``gelu_reference``'s operations, rounded once to y's dtype."""
+    c = math.sqrt(2.0 / math.pi)
+    k = 0.044715
+    for i in range(x.shape[0]):
+        xi = np.float64(x[i])
+        xc = _clip(xi)
+        z = 2.0 * c * (xc + k * xc * xc * xc)  # recomputed: its sign picks the branch
+        ei = e[i]
+        den = 1.0 + ei
+        # s = σ(z) = 1/(1 + e) for z ≥ 0, e/(1 + e) for z < 0 (a select, then one division)
+        s = (1.0 if z >= 0.0 else ei) / den
+        # y = x·s
+        y[i] = xi * s
+        if need_grad:
+            # y' = s + 2x·s(1 − s)·du/dx,  du/dx = c(1 + 3k x²)
+            dudx = c * (1.0 + 3.0 * k * xc * xc)
+            dy[i] = s + 2.0 * xi * (s * (1.0 - s)) * dudx
+
+
+def gelu_fused(x: np.ndarray, need_grad: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """(y, y') of the tanh-form GELU, fused (Numba); equals ``gelu_reference`` within
+    a few ulp of x's dtype (float32 or float64 NumPy arrays).
+
+    Three sweeps over x: the exponent −|2u| (Numba), its exponential (NumPy's vectorized
+    ``exp``, the reference's own: a scalar ``exp`` in a Numba loop costs ~15× more), then
+    y and y' together (Numba). All in float64, rounded once to x's dtype.
+    """
+    if not isinstance(x, np.ndarray) or x.dtype not in (np.float32, np.float64):
+        raise TypeError(
+            f"x: expected a float32 or float64 NumPy array, got "
+            f"{type(x).__name__} of dtype {getattr(x, 'dtype', None)}"
+        )
+    flat = np.ascontiguousarray(x).reshape(-1)  # (N,) — a view when x is C-contiguous
+    e = np.empty(flat.shape, dtype=np.float64)
+    _gelu_exponent(flat, e)  # e = −|2u|
+    np.exp(e, out=e)  # e = e^{−|2u|}
+    y = np.empty_like(flat)
+    dy = np.empty_like(flat) if need_grad else np.empty(0, dtype=x.dtype)
+    _gelu_from_exp(flat, e, y, dy, need_grad)
+    return y.reshape(x.shape), (dy.reshape(x.shape) if need_grad else None)
