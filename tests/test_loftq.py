@@ -53,8 +53,8 @@ def test_loftq_error_decreases_from_the_qlora_init(fifo, dist):
     q0 = (q0.T if fifo else q0).astype(np.float64)
     np.testing.assert_allclose(res.errors[0], np.linalg.norm(w - q0), rtol=1e-12)
     e = np.array(res.errors)
-    assert len(e) == 5 and np.all(np.diff(e) <= 1e-12 * e[0])  # measured non-increasing
-    assert e[-1] < 0.9 * e[0]
+    assert len(e) == 5 and e[1] <= e[0]  # one round beats plain QLoRA (Eckart–Young)
+    assert e[-1] < 0.9 * e[0]  # measured on this matrix (full rounds are not guaranteed)
     # the SVD half-step never raises the error
     assert np.all(e[1:] <= np.array(res.errors_after_quant) + 1e-12)
     # the returned state stores Q in the layer's layout and reproduces the last error
@@ -64,6 +64,16 @@ def test_loftq_error_decreases_from_the_qlora_init(fifo, dist):
     final = np.linalg.norm(w - q - s * (res.B.astype(np.float64) @ res.A.astype(np.float64)))
     np.testing.assert_allclose(final, e[-1], rtol=1e-5)  # A, B are float32 like W
     assert res.A.dtype == np.float32 and res.A.shape == (4, 40) and res.B.shape == (24, 4)
+
+
+def test_a_full_round_can_raise_the_error():
+    """The quantization half-step is not a minimizer: E_t is not monotone in general."""
+    w = (0.02 * np.random.default_rng(7).standard_t(3, (16, 64))).astype(np.float32)
+    res = loftq_init(w, 2, 2.0, num_iter=8)
+    e = np.array(res.errors)
+    assert np.all(e[1:] <= np.array(res.errors_after_quant) * (1 + 1e-12))  # SVD half-step
+    assert e[1] <= e[0]
+    assert np.any(np.diff(e) > 0)
 
 
 def test_one_iteration_is_qlora_plus_the_svd_of_its_residual():
