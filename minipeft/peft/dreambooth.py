@@ -35,12 +35,17 @@ __all__ = [
     "DEFAULT_TARGETS",
     "DreamBoothConfig",
     "DreamBoothLoss",
+    "check_tokens",
+    "class_histogram",
     "copy_denoiser",
     "dreambooth_loss",
     "drift_metrics",
+    "experiment",
     "finetune",
+    "generate",
     "kl_divergence",
     "make_subject",
+    "mark_score",
     "stamp_mark",
 ]
 
