@@ -215,3 +215,61 @@ def test_forward_matches_bitsandbytes_matmul_4bit():
     np.testing.assert_array_equal(ours.dequantize(), w_bnb)
     y_torch = torch.nn.functional.linear(torch.from_numpy(x), torch.from_numpy(w_bnb)).numpy()
     np.testing.assert_allclose(ours(Tensor(x)).data, y_torch, rtol=1e-5, atol=1e-5)
+
+
+def test_qlora_matches_hf_peft_on_a_bitsandbytes_linear4bit():
+    """Peer check: HF PEFT's LoRA over bitsandbytes' Linear4bit (CPU) — output and gradients."""
+    torch = pytest.importorskip("torch", reason="cross-check needs PyTorch")
+    bnb = pytest.importorskip("bitsandbytes", reason="cross-check needs bitsandbytes")
+    peft = pytest.importorskip("peft", reason="cross-check needs HF PEFT")
+    from bitsandbytes.functional import dequantize_4bit as bnb_dequantize
+
+    rng = np.random.default_rng(0)
+    w = (0.1 * rng.standard_normal((24, 40))).astype(np.float32)
+    bias = rng.standard_normal(24).astype(np.float32)
+    a = rng.standard_normal((4, 40)).astype(np.float32)
+    bm = rng.standard_normal((24, 4)).astype(np.float32)
+    x = rng.standard_normal((3, 40)).astype(np.float32)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = bnb.nn.Linear4bit(
+                40, 24, compute_dtype=torch.float32, quant_type="nf4", compress_statistics=False
+            )
+
+        def forward(self, x):
+            return self.lin(x)
+
+    net = Net()
+    net.lin.weight = bnb.nn.Params4bit(
+        torch.from_numpy(w), requires_grad=False, quant_type="nf4", blocksize=64,
+        compress_statistics=False,
+    ).to("cpu")  # fmt: skip
+    net.lin.bias = torch.nn.Parameter(torch.from_numpy(bias), requires_grad=False)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lin"], init_lora_weights=False)
+    pm = peft.get_peft_model(net, cfg)
+    lin = pm.base_model.model.lin
+    with torch.no_grad():
+        lin.lora_A.default.weight.copy_(torch.from_numpy(a))
+        lin.lora_B.default.weight.copy_(torch.from_numpy(bm))
+    xt = torch.from_numpy(x).requires_grad_(True)
+    g = np.cos(np.arange(72.0)).reshape(3, 24).astype(np.float32)
+    y = pm(xt)
+    y.backward(torch.from_numpy(g))
+
+    ours = LoraLayer(Linear4bit(w, bias, blocksize=64, quant_type="nf4"))
+    ours.add_adapter("default", r=4, lora_alpha=8)
+    ours.lora_A["default"].weight.data[...] = a
+    ours.lora_B["default"].weight.data[...] = bm
+    bnb_w = bnb_dequantize(lin.base_layer.weight.data, lin.base_layer.weight.quant_state)
+    np.testing.assert_array_equal(ours.base_layer.dequantize(), bnb_w.numpy())  # same Ŵ
+    xo = Tensor(x, requires_grad=True)
+    yo = ours(xo)
+    yo.backward(g)
+    np.testing.assert_allclose(yo.data, y.detach().numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(xo.grad, xt.grad.numpy(), rtol=1e-5, atol=1e-5)
+    for ours_p, theirs in ((ours.lora_A, lin.lora_A), (ours.lora_B, lin.lora_B)):
+        np.testing.assert_allclose(
+            ours_p["default"].weight.grad, theirs.default.weight.grad.numpy(), rtol=1e-4, atol=1e-4
+        )
