@@ -86,12 +86,21 @@ class SentenceClassifier(Module):
         return self.head(mean_pool(h, attention_mask))  # (B, num_labels)
 
 
-def load_minilm(directory: str | Path | None = None) -> tuple[Module, Any]:
-    """(BertModel, BertTokenizer) of all-MiniLM-L6-v2 (the installed package by default)."""
+def load_minilm(
+    directory: str | Path | None = None, *, keep_pooler: bool = False
+) -> tuple[Module, Any]:
+    """(BertModel, BertTokenizer) of all-MiniLM-L6-v2 (the installed package by default).
+
+    The [CLS] pooler is dropped unless ``keep_pooler``: ``SentenceClassifier`` mean-pools
+    the tokens, so the pooler's 147,840 numbers would only inflate BitFit's and full
+    fine-tuning's trainable counts without ever receiving a gradient.
+    """
     from .models.bert import BertModel, BertTokenizer, default_model_dir
 
     d = Path(directory) if directory is not None else default_model_dir()
     model = BertModel.from_pretrained(d)
+    if not keep_pooler:
+        model.pooler = None
     return model, BertTokenizer.from_pretrained(d, config=model.config)
 
 

