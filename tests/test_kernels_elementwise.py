@@ -1,6 +1,8 @@
 """Numba elementwise kernels (minipeft/kernels/cpu/elementwise.py) against their NumPy
 references: GELU value and derivative, float64 bit for bit, float32 within 1 ulp of the
-float64 value; the op that uses them; and the same loops under NUMBA_DISABLE_JIT=1."""
+float64 value; LayerNorm forward and backward within a few float64 rounding errors (float32:
+within 1 ulp of the row's largest entry of the float64 value); the ops that use them; and
+the same loops under NUMBA_DISABLE_JIT=1."""
 
 from __future__ import annotations
 
@@ -129,6 +131,95 @@ def test_ops_gelu_uses_the_fused_values_and_saves_one_array(dtype):
     assert t.grad.tobytes() == (g * dy_k).tobytes()  # x̄ = ḡ ⊙ y'
 
 
+# ---------------------------------------------------------------------------- LayerNorm
+def _ln_inputs(shape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    d = shape[-1]
+    x = rng.standard_normal(shape) * 3.0 + 1.0
+    w, b = 1.0 + 0.1 * rng.standard_normal(d), 0.1 * rng.standard_normal(d)
+    g = rng.standard_normal(shape)
+    return [a.astype(dtype) for a in (x, w, b, g)]
+
+
+def _close(a, ref, ulps, eps):
+    """|a − ref| ≤ ulps · eps · max|ref| (rounding errors scale with the largest entry)."""
+    np.testing.assert_allclose(a, ref, rtol=0, atol=ulps * eps * np.max(np.abs(ref)))
+
+
+ALL = (True, True, True)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 16), (7, 256), (3, 1), (4, 13)])
+def test_layer_norm_float64_matches_the_reference(shape):
+    x, w, b, g = _ln_inputs(shape, np.float64)
+    y, xhat, r = ew.layer_norm_fused(x, w, b, 1e-5)
+    y0, xhat0, r0 = ew.layer_norm_reference(x, w, b, 1e-5)
+    eps = np.finfo(np.float64).eps
+    _close(y, y0, 8, eps)
+    _close(xhat, xhat0, 8, eps)
+    _close(r, r0, 8, eps)
+    grads = ew.layer_norm_backward_fused(g, xhat, r, w, ALL)
+    refs = ew.layer_norm_backward_reference(g, xhat0, r0, w, ALL)
+    for a, ref in zip(grads, refs):
+        assert a.shape == ref.shape and a.dtype == np.float64
+        _close(a, ref, 64, eps)  # γ̄, β̄ sum N rows: the reference's own error grows with N
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 16), (64, 256)])
+def test_layer_norm_float32_is_the_float64_value_rounded(shape):
+    """float32 in, float64 inside: within 1 ulp of the largest entry of the float64 result
+    (the float32 reference sums γ̄, β̄ row by row in float32 and is ~10× further off)."""
+    x, w, b, g = _ln_inputs(shape, np.float32)
+    y, xhat, r = ew.layer_norm_fused(x, w, b, 1e-5)
+    assert y.dtype == xhat.dtype == np.float32
+    y64, xhat64, r64 = ew.layer_norm_reference(*(a.astype(np.float64) for a in (x, w, b)), 1e-5)
+    eps = np.finfo(np.float32).eps
+    _close(y, y64, 1, eps)
+    _close(xhat, xhat64, 1, eps)
+    grads = ew.layer_norm_backward_fused(g, xhat, r, w, ALL)
+    refs = ew.layer_norm_backward_reference(
+        g.astype(np.float64), xhat64, r64, w.astype(np.float64), ALL
+    )
+    for a, ref in zip(grads, refs):
+        assert a.dtype == np.float32
+        _close(a, ref, 2, eps)  # x̂ itself was rounded to float32 before backward
+
+
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, True), (False, False, True)])
+def test_layer_norm_backward_computes_only_what_is_needed(needs):
+    x, w, b, g = _ln_inputs((6, 8), np.float64)
+    _, xhat, r = ew.layer_norm_fused(x, w, b, 1e-5)
+    got = ew.layer_norm_backward_fused(g, xhat, r, w, needs)
+    ref = ew.layer_norm_backward_reference(g, xhat, r, w, ALL)
+    for need, a, e in zip(needs, got, ref):
+        if need:
+            _close(a, e, 16, np.finfo(np.float64).eps)
+        else:
+            assert a is None
+
+
+@given(
+    shapes(min_dims=1, max_dims=3, max_side=6).flatmap(
+        lambda s: st.tuples(float_arrays(s, lo=-5.0, hi=5.0), layouts())
+    ),
+)
+def test_ops_layer_norm_any_layout_matches_the_reference(case):
+    x, layout = case
+    x = with_layout(x, layout)
+    d = x.shape[-1]
+    w, b = np.linspace(0.5, 1.5, d), np.linspace(-0.2, 0.2, d)
+    t, tw, tb = (Tensor(a, requires_grad=True) for a in (x, w, b))
+    y = ops.layer_norm(t, tw, tb)
+    g = np.cos(np.arange(x.size, dtype=np.float64)).reshape(x.shape)
+    y.backward(g)
+    y0, xhat0, r0 = ew.layer_norm_reference(np.asarray(x), w, b, 1e-5)
+    refs = ew.layer_norm_backward_reference(g, xhat0, r0, w, ALL)
+    eps = np.finfo(np.float64).eps
+    _close(y.data, y0, 8, eps)
+    for a, ref in zip((t.grad, tw.grad, tb.grad), refs):
+        _close(a, ref, 64, eps)
+
+
 def test_kernels_run_as_python_under_disabled_jit():
     """NUMBA_DISABLE_JIT=1: the same loops, as Python over NumPy scalars, give the same
     bits as the compiled kernels (float64: the reference's bits)."""
@@ -144,6 +235,11 @@ def test_kernels_run_as_python_under_disabled_jit():
         assert y.tobytes() == y_ref.tobytes() and dy.tobytes() == dy_ref.tobytes()
         y32, dy32 = ew.gelu_fused(x.astype(np.float32))
         print(y32.tobytes().hex(), dy32.tobytes().hex())
+        rng = np.random.default_rng(0)
+        x, w, b, g = rng.standard_normal((4, 9)), rng.random(9), rng.random(9), rng.random((4, 9))
+        out = ew.layer_norm_fused(x, w, b, 1e-5)
+        out += ew.layer_norm_backward_fused(g, out[1], out[2], w, (True, True, True))
+        print(*(a.tobytes().hex() for a in out))
         """
     )
     env = {**os.environ, "NUMBA_DISABLE_JIT": "1"}
@@ -151,7 +247,12 @@ def test_kernels_run_as_python_under_disabled_jit():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr
-    y_hex, dy_hex = out.stdout.split()
+    y_hex, dy_hex, *ln_hex = out.stdout.split()
     x = np.concatenate([np.linspace(-25, 25, 301), [-0.0, 0.0, -0.75]]).astype(np.float32)
     y, dy = ew.gelu_fused(x)
     assert y.tobytes().hex() == y_hex and dy.tobytes().hex() == dy_hex
+    rng = np.random.default_rng(0)
+    x, w, b, g = rng.standard_normal((4, 9)), rng.random(9), rng.random(9), rng.random((4, 9))
+    ln = ew.layer_norm_fused(x, w, b, 1e-5)
+    ln += ew.layer_norm_backward_fused(g, ln[1], ln[2], w, (True, True, True))
+    assert [a.tobytes().hex() for a in ln] == ln_hex

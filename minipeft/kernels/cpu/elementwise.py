@@ -48,7 +48,11 @@ from numba import njit
 from ... import backend
 from ...backend import Array
 
-__all__ = ["GELU_C", "GELU_CLIP", "GELU_K", "JIT", "gelu_fused", "gelu_reference"]
+__all__ = [
+    "GELU_C", "GELU_CLIP", "GELU_K", "JIT", "gelu_fused", "gelu_reference",
+    "layer_norm_backward_fused", "layer_norm_backward_reference", "layer_norm_fused",
+    "layer_norm_reference",
+]  # fmt: skip
 
 #: whether Numba compiles (False under ``NUMBA_DISABLE_JIT=1``: the loops would run as Python)
 JIT = not numba.config.DISABLE_JIT
@@ -147,3 +151,162 @@ def gelu_fused(x: np.ndarray, need_grad: bool = True) -> tuple[np.ndarray, np.nd
     dy = np.empty_like(flat) if need_grad else np.empty(0, dtype=x.dtype)
     _gelu_from_exp(flat, e, y, dy, need_grad)
     return y.reshape(x.shape), (dy.reshape(x.shape) if need_grad else None)
+
+
+# ---------------------------------------------------------------------------- LayerNorm
+def layer_norm_reference(
+    x: Array, weight: Array, bias: Array, eps: float
+) -> tuple[Array, Array, Array]:
+    """LayerNorm over the last axis with array operations in x's dtype (NumPy or CuPy):
+    returns (y, x̂, r) with r = 1/√(σ² + ε) of shape (..., 1) (derivations/autograd.md,
+    ops.layer_norm)."""
+    xp = backend.xp_of(x)
+    mu = x.mean(axis=-1, keepdims=True)  # μ = mean(x)
+    xc = x - mu
+    var = (xc * xc).mean(axis=-1, keepdims=True)  # σ² = mean((x − μ)²)
+    rstd = 1.0 / xp.sqrt(var + eps)  # r = 1/√(σ² + ε)
+    xhat = xc * rstd  # x̂ = (x − μ)·r
+    return xhat * weight + bias, xhat, rstd  # y = x̂ ⊙ γ + β
+
+
+def layer_norm_backward_reference(
+    g: Array, xhat: Array, rstd: Array, weight: Array, needs: tuple[bool, bool, bool]
+) -> tuple[Array | None, Array | None, Array | None]:
+    """(x̄, γ̄, β̄) of LayerNorm from ḡ, x̂ and r, each only where ``needs`` says so:
+    ĝ = ḡ ⊙ γ,  x̄ = r·(ĝ − mean(ĝ) − x̂ ⊙ mean(ĝ ⊙ x̂)),  γ̄ = Σ_rows ḡ ⊙ x̂,  β̄ = Σ_rows ḡ."""
+    lead = tuple(range(g.ndim - 1))
+    gx = gw = gb = None
+    if needs[0]:
+        gh = g * weight
+        gx = rstd * (
+            gh - gh.mean(axis=-1, keepdims=True) - xhat * (gh * xhat).mean(axis=-1, keepdims=True)
+        )
+    if needs[1]:
+        gw = (g * xhat).sum(axis=lead)
+    if needs[2]:
+        gb = g.sum(axis=lead)
+    return gx, gw, gb
+
+
+@njit(cache=True, error_model="numpy")
+def _sum8(a: Array, b: Array) -> float:  # pragma: no cover - compiled
+    """Σⱼ aⱼ·bⱼ in float64 over eight interleaved partial sums (as NumPy's pairwise sum
+    starts): rounding error ~ (n/8)·2⁻⁵³·Σ|aⱼbⱼ| instead of n·2⁻⁵³, and eight independent
+    additions in flight."""
+    n = a.shape[0]
+    r0 = r1 = r2 = r3 = r4 = r5 = r6 = r7 = 0.0
+    m = n - n % 8
+    for j in range(0, m, 8):
+        r0 += a[j] * b[j]
+        r1 += a[j + 1] * b[j + 1]
+        r2 += a[j + 2] * b[j + 2]
+        r3 += a[j + 3] * b[j + 3]
+        r4 += a[j + 4] * b[j + 4]
+        r5 += a[j + 5] * b[j + 5]
+        r6 += a[j + 6] * b[j + 6]
+        r7 += a[j + 7] * b[j + 7]
+    s = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    for j in range(m, n):
+        s += a[j] * b[j]
+    return s
+
+
+@njit(cache=True, error_model="numpy")
+def _layer_norm_forward_kernel(  # pragma: no cover - compiled
+    x: Array, w: Array, b: Array, eps: float, y: Array, xhat: Array, rstd: Array
+) -> None:
+    """Row by row, in float64: μ, σ², r, x̂ (stored in x's dtype), y = x̂ ⊙ γ + β."""
+    n, d = x.shape
+    xc = np.empty(d)  # one row of x − μ in float64
+    one = np.ones(d)
+    for i in range(n):
+        for j in range(d):
+            xc[j] = x[i, j]
+        mu = _sum8(xc, one) / d  # μ = mean(x)
+        for j in range(d):
+            xc[j] -= mu
+        var = _sum8(xc, xc) / d  # σ² = mean((x − μ)²)
+        r = 1.0 / math.sqrt(var + eps)  # r = 1/√(σ² + ε)
+        rstd[i] = r
+        for j in range(d):
+            xh = xc[j] * r  # x̂ = (x − μ)·r
+            xhat[i, j] = xh
+            y[i, j] = xh * w[j] + b[j]  # y = x̂ ⊙ γ + β
+
+
+@njit(cache=True, error_model="numpy")
+def _layer_norm_backward_kernel(  # pragma: no cover - compiled
+    g: Array,
+    xhat: Array,
+    rstd: Array,
+    w: Array,
+    gx: Array,
+    gw: Array,
+    gb: Array,
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+) -> None:
+    """Row by row, in float64: x̄ (stored in g's dtype); γ̄ and β̄ summed into float64 rows."""
+    n, d = g.shape
+    gh = np.empty(d)  # one row of ĝ = ḡ ⊙ γ in float64
+    xh = np.empty(d)  # the same row of x̂ in float64
+    one = np.ones(d)
+    for i in range(n):
+        if need_x:
+            for j in range(d):
+                gh[j] = np.float64(g[i, j]) * w[j]
+                xh[j] = xhat[i, j]
+            a = _sum8(gh, one) / d  # mean(ĝ)
+            c = _sum8(gh, xh) / d  # mean(ĝ ⊙ x̂)
+            r = rstd[i]
+            for j in range(d):
+                # x̄ = r·(ĝ − mean(ĝ) − x̂ ⊙ mean(ĝ ⊙ x̂))
+                gx[i, j] = r * (gh[j] - a - xh[j] * c)
+        if need_w:
+            for j in range(d):
+                gw[j] += np.float64(g[i, j]) * xhat[i, j]  # γ̄ = Σ_rows ḡ ⊙ x̂
+        if need_b:
+            for j in range(d):
+                gb[j] += g[i, j]  # β̄ = Σ_rows ḡ
+
+
+def layer_norm_fused(
+    x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``layer_norm_reference`` in one Numba pass per row, in float64 (rounded once to x's
+    dtype): (y, x̂ in x's dtype, r float64 of shape (..., 1))."""
+    d = x.shape[-1]
+    x2 = np.ascontiguousarray(x).reshape(-1, d)  # (N, D)
+    y = np.empty_like(x2)
+    xhat = np.empty_like(x2)
+    rstd = np.empty(x2.shape[0])
+    w = np.asarray(weight, dtype=np.float64)
+    b = np.asarray(bias, dtype=np.float64)
+    _layer_norm_forward_kernel(x2, w, b, float(eps), y, xhat, rstd)
+    return y.reshape(x.shape), xhat.reshape(x.shape), rstd.reshape((*x.shape[:-1], 1))
+
+
+def layer_norm_backward_fused(
+    g: np.ndarray,
+    xhat: np.ndarray,
+    rstd: np.ndarray,
+    weight: np.ndarray,
+    needs: tuple[bool, bool, bool],
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """``layer_norm_backward_reference`` in one Numba pass per row, in float64; γ̄ and β̄
+    are summed over the rows in float64 and rounded once to g's dtype."""
+    d = g.shape[-1]
+    g2 = np.ascontiguousarray(g).reshape(-1, d)  # (N, D)
+    xh2 = np.ascontiguousarray(xhat).reshape(-1, d)  # (N, D)
+    r = np.ascontiguousarray(rstd, dtype=np.float64).reshape(-1)  # (N,)
+    w = np.asarray(weight, dtype=np.float64)
+    gx = np.empty_like(g2) if needs[0] else np.empty((0, d), dtype=g.dtype)
+    gw = np.zeros(d)
+    gb = np.zeros(d)
+    _layer_norm_backward_kernel(g2, xh2, r, w, gx, gw, gb, needs[0], needs[1], needs[2])
+    return (
+        gx.reshape(g.shape) if needs[0] else None,
+        gw.astype(g.dtype) if needs[1] else None,
+        gb.astype(g.dtype) if needs[2] else None,
+    )
