@@ -15,8 +15,12 @@ Threads: OMP/OpenBLAS/MKL/Numba set to 1 before NumPy is imported, ``torch.set_n
 Timing: ``--warmup`` steps, then the median (min/max) of ``--repeats`` steps, the sides
 alternating step by step.
 
-    python benchmarks/bench_lora_step.py               # timing table
-    python benchmarks/bench_lora_step.py --profile     # cProfile of the minipeft step
+    python benchmarks/bench_lora_step.py               # timing table + top of the profile
+    python benchmarks/bench_lora_step.py --profile     # cProfile of the minipeft step only
+    python benchmarks/bench_lora_step.py --baseline-rev REV   # + minipeft as of git REV
+
+``--baseline-rev`` and ``--profile-top`` work as in ``bench_train_step.py`` (both minipeft
+versions in one process, taking turns with HF PEFT step by step).
 """
 
 from __future__ import annotations
@@ -27,12 +31,14 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMB
     os.environ[_var] = "1"
 
 import argparse  # noqa: E402
+import importlib  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+from bench_train_step import baseline_package, profile_text  # noqa: E402
 
 CONFIG = dict(
     vocab_size=512, n_positions=128, n_embd=256, n_layer=4, n_head=4, resid_pdrop=0.0,
@@ -59,10 +65,10 @@ def make_files(directory: Path) -> np.ndarray:
     return np.random.default_rng(0).integers(0, CONFIG["vocab_size"], size=(BATCH, SEQ))
 
 
-def minipeft_stepper(directory: Path, ids: np.ndarray):
-    from minipeft.models import GPT2
-    from minipeft.optim import AdamW
-    from minipeft.peft import PeftModel
+def minipeft_stepper(directory: Path, ids: np.ndarray, package: str = "minipeft"):
+    GPT2 = importlib.import_module(f"{package}.models").GPT2
+    AdamW = importlib.import_module(f"{package}.optim").AdamW
+    PeftModel = importlib.import_module(f"{package}.peft").PeftModel
 
     model = PeftModel.from_pretrained(GPT2.from_pretrained(directory / "base"),
                                       str(directory / "adapter"))  # fmt: skip
@@ -109,11 +115,16 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--profile", action="store_true", help="cProfile one minipeft step")
+    ap.add_argument("--baseline-rev", help="also time minipeft as of this git revision")
+    ap.add_argument("--profile-top", type=int, default=15, help="after the table: top N (0: none)")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as d, tempfile.TemporaryDirectory() as base_root:
         d = Path(d)
         ids = make_files(d)
         steps = {"minipeft": minipeft_stepper(d, ids)}
+        if args.baseline_rev:
+            base = baseline_package(args.baseline_rev, base_root)
+            steps[base.replace("_", "@", 1)] = minipeft_stepper(d, ids, base)
         if args.profile:
             import cProfile
             import pstats
@@ -137,15 +148,24 @@ def main() -> int:
                 t0 = time.perf_counter()
                 step()
                 times[name].append(time.perf_counter() - t0)
+        prof = profile_text(steps["minipeft"], args.profile_top) if args.profile_top else ""
     print(f"LoRA r={RANK} on c_attn, GPT-2 L={CONFIG['n_layer']} d={CONFIG['n_embd']}, "
           f"batch {BATCH}×{SEQ}, one thread; first-step losses: "
           + ", ".join(f"{k} {v:.6f}" for k, v in first.items()))  # fmt: skip
     med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"warm-up {args.warmup}, median of {args.repeats}, sides taking turns")
     print(f"{'side':18s} {'median ms':>10s} {'min':>8s} {'max':>8s}")
     for k, v in times.items():
         print(f"{k:18s} {1e3 * med[k]:10.1f} {1e3 * min(v):8.1f} {1e3 * max(v):8.1f}")
-    print(f"ratio minipeft / HF PEFT: {med['minipeft'] / med['HF PEFT (torch)']:.2f}"
-          "  (issue 3's target: ≤ 1.3)")  # fmt: skip
+    for k in times:
+        if k.startswith("minipeft"):
+            print(f"ratio {k} / HF PEFT: {med[k] / med['HF PEFT (torch)']:.2f}"
+                  "  (issue 3's target: ≤ 1.3)")  # fmt: skip
+    for k in times:
+        if k.startswith("minipeft@"):
+            print(f"ratio minipeft / {k}: {med['minipeft'] / med[k]:.2f}")
+    if prof:
+        print(prof)
     return 0
 
 

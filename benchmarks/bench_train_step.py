@@ -17,6 +17,13 @@ sides alternating step by step (a load change on a shared machine hits both alik
     python benchmarks/bench_train_step.py                 # timing table
     python benchmarks/bench_train_step.py --memory        # + peak RSS, one process per side
     python benchmarks/bench_train_step.py --profile       # cProfile of the minipeft step
+    python benchmarks/bench_train_step.py --baseline-rev REV   # + minipeft as of git REV
+
+Before/after (``--baseline-rev``): ``git archive REV minipeft`` is unpacked into a temporary
+directory as the package ``minipeft_<sha>`` (minipeft imports itself relatively), so both
+versions run in ONE process, taking turns step by step with PyTorch; the table then also
+gives the ratio of the two minipeft versions. After the table, ``--profile-top N`` entries
+of a cProfile of one more minipeft step are printed (by own time).
 
 Peak memory (``--memory``, Linux): each side runs alone in a fresh process; after its
 imports the peak-RSS counter is reset (``/proc/self/clear_refs``), then the model and
@@ -35,12 +42,16 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMB
     os.environ[_var] = "1"
 
 import argparse  # noqa: E402
+import importlib  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tarfile  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -88,9 +99,42 @@ def make_checkpoint(directory: str) -> np.ndarray:
     return np.random.default_rng(0).integers(0, CONFIG["vocab_size"], size=(BATCH, SEQ))
 
 
-def minipeft_stepper(directory: str, ids: np.ndarray):
-    from minipeft.models import GPT2
-    from minipeft.optim import AdamW
+def baseline_package(rev: str, root: str) -> str:
+    """Unpack ``minipeft/`` as of git revision ``rev`` into ``root`` as the package
+    ``minipeft_<sha>`` and make it importable; return the package name."""
+    repo = Path(__file__).resolve().parent.parent
+    sha = subprocess.run(
+        ["git", "rev-parse", "--short", rev], cwd=repo, check=True, capture_output=True, text=True
+    ).stdout.strip()
+    tar = subprocess.run(
+        ["git", "archive", rev, "minipeft"], cwd=repo, check=True, capture_output=True
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        tf.extractall(root, filter="data")
+    name = f"minipeft_{sha}"
+    os.replace(Path(root) / "minipeft", Path(root) / name)
+    sys.path.insert(0, root)
+    return name
+
+
+def profile_text(step, top: int) -> str:
+    """cProfile of one call of ``step``: the ``top`` entries by own time."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    step()
+    prof.disable()
+    stream = io.StringIO()
+    pstats.Stats(prof, stream=stream).sort_stats("tottime").print_stats(top)
+    text = stream.getvalue().replace(str(Path(__file__).resolve().parent.parent) + "/", "")
+    return f"minipeft step, cProfile (top {top} by own time):\n" + text.strip()
+
+
+def minipeft_stepper(directory: str, ids: np.ndarray, package: str = "minipeft"):
+    GPT2 = importlib.import_module(f"{package}.models").GPT2
+    AdamW = importlib.import_module(f"{package}.optim").AdamW
 
     model = GPT2.from_pretrained(directory).train()
     opt = AdamW(model.parameters(), lr=LR)
@@ -176,6 +220,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--memory", action="store_true", help="also measure peak RSS per side")
     ap.add_argument("--profile", action="store_true", help="cProfile one minipeft step")
+    ap.add_argument("--baseline-rev", help="also time minipeft as of this git revision")
+    ap.add_argument("--profile-top", type=int, default=15, help="after the table: top N (0: none)")
     ap.add_argument("--memory-side", choices=["minipeft", "torch"], help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -183,7 +229,7 @@ def main() -> int:
         print(json.dumps(run_memory_side(args.memory_side, args.dir)))
         return 0
 
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as d, tempfile.TemporaryDirectory() as base_root:
         ids = make_checkpoint(d)
         mp_step = minipeft_stepper(d, ids)
         if args.profile:
@@ -199,11 +245,15 @@ def main() -> int:
             pstats.Stats(prof).sort_stats("tottime").print_stats(25)
             return 0
         steps = {"minipeft": mp_step}
+        if args.baseline_rev:
+            base = baseline_package(args.baseline_rev, base_root)
+            steps[base.replace("_", "@", 1)] = minipeft_stepper(d, ids, base)
         try:
             steps["torch"] = torch_stepper(d, ids)
         except ImportError as exc:
             print(f"PyTorch/transformers unavailable ({exc}); minipeft only")
         first, times = time_interleaved(steps, args.warmup, args.repeats)
+        prof = profile_text(mp_step, args.profile_top) if args.profile_top else ""
         mem = {}
         if args.memory:
             for side in steps:
@@ -236,11 +286,17 @@ def main() -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
-    if "torch" in steps:
-        ratio = statistics.median(times["minipeft"]) / statistics.median(times["torch"])
-        print(f"ratio minipeft/torch (median step time): {ratio:.2f}")
+    med = {name: statistics.median(t) for name, t in times.items()}
+    for name in steps:
+        if "torch" in steps and name != "torch":
+            print(f"ratio {name}/torch (median step time): {med[name] / med['torch']:.2f}")
+    for name in steps:
+        if name.startswith("minipeft@"):
+            print(f"ratio minipeft/{name} (median step time): {med['minipeft'] / med[name]:.2f}")
     if mem:
         print("peak MiB = peak RSS − RSS after imports, each side alone in a fresh process")
+    if prof:
+        print(prof)
     return 0
 
 
