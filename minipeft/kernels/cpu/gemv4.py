@@ -1,0 +1,372 @@
+"""Fused 4-bit GEMV: y = Ŵ·x from the packed codes, without materializing Ŵ. [qlora.gemv4]
+
+W (out, in) was quantized row-major over the flat array (``quantize_4bit``); element (r, i)
+is flat item f = r·in + i, its code the high nibble of byte f//2 when f is even, the low
+nibble when odd, its scale the block constant c_{f//B}:
+
+    ŵ_ri = code[q_f] · c_{f//B}                     (dequantization, never stored)
+    y_r  = Σ_i ŵ_ri · x_i                           (float32 accumulation)
+
+When ``in`` is a multiple of the block size B (every bitsandbytes-style Linear with
+in ∈ {768, 1024, 4096, …}) blocks never straddle rows, and the kernel computes
+y_r = Σ_b Σ_{i∈b} (code[q_i]·c_b)·x_i with the 16-entry table code·c_b built once per
+block: per weight one table lookup and one fused multiply-add, reading 4.5 bits instead of
+32. On x86 with AVX2 the lookup is a register permute (``vpermps``: 16 levels = two 8-lane
+tables and a select on bit 3; AVX-512: one 16-lane ``vpermps``), emitted through a Numba
+intrinsic, 16 or 32 weights per instruction group, four independent accumulators. Elsewhere
+(other CPUs, ``NUMBA_DISABLE_JIT=1``, a row that straddles blocks) a portable Numba loop
+computes the same sum.
+
+Double quantization: the block scale is reconstructed on the fly inside the loop,
+c_b = fl32(fl32(code₂[q_b]·absmax₂[b//256]) + μ), the same float32 operations as
+``double_dequantize`` — so the scales are bit-identical and nothing of size n_blocks is
+allocated per call.
+
+Accuracy: float32 products and sums in a different order from a float64 reference;
+|y_r − Σ_i ŵ_ri x_i| ≤ γ_{in+2}·Σ_i |ŵ_ri x_i| with γ_k = k·u/(1 − k·u), u = 2⁻²⁴
+(checked by ``qlora.gemv4`` in ``minipeft/verify/checks/qlora_kernels.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+from numba import config, njit, types
+from numba.extending import intrinsic
+
+__all__ = ["gemv_4bit", "gemv_4bit_reference", "simd_width"]
+
+_KERNELS = ("numpy", "numba", "cuda")
+# reassociation lets the sums vectorize; no "contract": nothing is fused behind our back (the
+# double-quant scale stays bit-identical to double_dequantize; the kernel's FMAs are explicit)
+_FAST = {"reassoc", "nsz", "nnan", "ninf", "arcp"}
+
+
+# ----------------------------------------------------------------------- NumPy reference
+def gemv_4bit_reference(
+    packed: np.ndarray, scales: np.ndarray, code: np.ndarray, blocksize: int, shape: tuple, x: Any
+) -> np.ndarray:
+    """y = Ŵ·x by dequantizing Ŵ (float32) then a float32 matrix-vector product.
+
+    The readable definition the kernels are tested against (it materializes Ŵ).
+    """
+    out_f, in_f = shape
+    n = out_f * in_f
+    q = np.empty(packed.size * 2, dtype=np.uint8)
+    q[0::2] = packed >> 4  # first element: high nibble
+    q[1::2] = packed & 0x0F
+    scale = np.repeat(np.asarray(scales, dtype=np.float32), blocksize)[:n]  # c_b per element
+    w_hat = (code[q[:n]] * scale).reshape(out_f, in_f)  # ŵ = code[q]·c_b   (out, in)
+    return w_hat @ np.asarray(x, dtype=np.float32)  # y = Ŵ·x   (out,) or (out, B)
+
+
+# ----------------------------------------------------------------------- SIMD intrinsics
+@functools.cache
+def simd_width() -> int:
+    """Lanes of the permute kernel on this CPU: 16 (AVX-512F), 8 (AVX2+FMA) or 0 (none)."""
+    if config.DISABLE_JIT or config.CPU_NAME not in (None, "host"):
+        return 0  # no compiled code, or a generic/other target that may lack the instruction
+    try:
+        from llvmlite import binding as llvm
+
+        feats = llvm.get_host_cpu_features()
+    except Exception:  # pragma: no cover - llvmlite always has it on x86
+        return 0
+    if feats.get("avx512f", False):
+        return 16
+    if feats.get("avx2", False) and feats.get("fma", False):
+        return 8
+    return 0
+
+
+def _make_chunk_intrinsic(width: int) -> Any:
+    """An intrinsic adding code·c (permuted by ``width`` packed bytes) times x to ``acc``.
+
+    chunk(acc, slot, packed, p_off, xe, xo, x_off, code, scale):
+        t      = code · scale                              (16 levels, float32)
+        q_hi_j = packed[p_off + j] >> 4, q_lo_j = … & 15   (j < width)
+        acc[slot : slot+width] += t[q_hi]·xe[x_off:…] + t[q_lo]·xo[x_off:…]
+    xe, xo: the even and odd items of x (the high and low nibbles' partners).
+    """
+    from llvmlite import ir
+    from numba.core import cgutils
+
+    f32, i32, i8 = ir.FloatType(), ir.IntType(32), ir.IntType(8)
+    vf, vi, vb = ir.VectorType(f32, width), ir.VectorType(i32, width), ir.VectorType(i8, width)
+    v8f, v8i = ir.VectorType(f32, 8), ir.VectorType(i32, 8)
+
+    @intrinsic
+    def chunk(
+        typingctx: Any,
+        acc: Any,
+        slot: Any,
+        packed: Any,
+        p_off: Any,
+        xe: Any,
+        xo: Any,
+        x_off: Any,
+        code: Any,
+        scale: Any,
+    ) -> Any:
+        sig = types.void(acc, types.intp, packed, types.intp, xe, xo, types.intp, code, scale)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            acc_a, slot_v, pk_a, pk_off, xe_a, xo_a, x_off_v, code_a, scale_v = args
+            tys = signature.args
+            mod = builder.module
+
+            def ptr(k: int, ary: Any, off: Any, vty: Any) -> Any:
+                data = context.make_array(tys[k])(context, builder, ary).data
+                return builder.bitcast(builder.gep(data, [off]), vty.as_pointer())
+
+            zero = ir.Constant(ir.IntType(64), 0)
+            fma = cgutils.get_or_insert_function(
+                mod, ir.FunctionType(vf, [vf, vf, vf]), f"llvm.fma.v{width}f32"
+            )
+            bytes_ = builder.load(ptr(2, pk_a, pk_off, vb), align=1)
+            w = builder.zext(bytes_, vi)
+            hi = builder.lshr(w, ir.Constant(vi, [4] * width))  # first element: high nibble
+            lo = builder.and_(w, ir.Constant(vi, [15] * width))
+            code_v = builder.load(ptr(7, code_a, zero, ir.VectorType(f32, 16)), align=4)
+            sc16 = builder.insert_element(ir.VectorType(f32, 16)(ir.Undefined), scale_v, i32(0))
+            sc16 = builder.shuffle_vector(
+                sc16,
+                ir.VectorType(f32, 16)(ir.Undefined),
+                ir.Constant(ir.VectorType(i32, 16), [0] * 16),
+            )
+            table = builder.fmul(code_v, sc16)  # t = code·c_b (16 levels)
+            if width == 16:
+                perm = cgutils.get_or_insert_function(
+                    mod, ir.FunctionType(vf, [vf, vi]), "llvm.x86.avx512.permvar.sf.512"
+                )
+
+                def lut(idx: Any) -> Any:
+                    return builder.call(perm, [table, idx])  # t[q], one permute
+            else:
+                perm = cgutils.get_or_insert_function(
+                    mod, ir.FunctionType(v8f, [v8f, v8i]), "llvm.x86.avx2.permps"
+                )
+                undef16 = ir.VectorType(f32, 16)(ir.Undefined)
+                t_lo = builder.shuffle_vector(table, undef16, ir.Constant(v8i, list(range(8))))
+                t_hi = builder.shuffle_vector(table, undef16, ir.Constant(v8i, list(range(8, 16))))
+                seven = ir.Constant(vi, [7] * width)
+
+                def lut(idx: Any) -> Any:  # t[q]: permute both halves, select on q > 7
+                    a = builder.call(perm, [t_lo, idx])
+                    b = builder.call(perm, [t_hi, idx])
+                    return builder.select(builder.icmp_unsigned(">", idx, seven), b, a)
+
+            pacc = ptr(0, acc_a, slot_v, vf)
+            a = builder.load(pacc, align=4)
+            a = builder.call(fma, [lut(hi), builder.load(ptr(4, xe_a, x_off_v, vf), align=4), a])
+            a = builder.call(fma, [lut(lo), builder.load(ptr(5, xo_a, x_off_v, vf), align=4), a])
+            builder.store(a, pacc, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return chunk
+
+
+# ----------------------------------------------------------------------- Numba kernels
+@njit(cache=True)
+def _row_scales(  # pragma: no cover - compiled
+    b0: int,
+    nb: int,
+    absmax: np.ndarray,
+    nested: bool,
+    qabs: np.ndarray,
+    absmax2: np.ndarray,
+    code2: np.ndarray,
+    offset: np.float32,
+    dq_bs: int,
+    out: np.ndarray,
+) -> None:
+    """out[j] = c_{b0+j}; double-quantized: fl32(fl32(code₂[q]·absmax₂[b//256]) + μ)."""
+    if nested:
+        for j in range(nb):
+            b = b0 + j
+            out[j] = code2[np.int64(qabs[b])] * absmax2[b // dq_bs] + offset  # ĉ = code₂[q]·a₂ + μ
+    else:
+        for j in range(nb):
+            out[j] = absmax[b0 + j]
+
+
+@njit(cache=True, fastmath=_FAST)
+def _gemv_portable(  # pragma: no cover - compiled
+    packed: np.ndarray,
+    absmax: np.ndarray,
+    nested: bool,
+    qabs: np.ndarray,
+    absmax2: np.ndarray,
+    code2: np.ndarray,
+    offset: np.float32,
+    dq_bs: int,
+    code: np.ndarray,
+    blocksize: int,
+    out_f: int,
+    in_f: int,
+    x: np.ndarray,
+    y: np.ndarray,
+) -> None:
+    """Any shape: element (r, i) is flat f = r·in + i; scale from block f // B."""
+    sc = np.empty(1, np.float32)
+    for r in range(out_f):
+        acc = np.float32(0.0)
+        f = r * in_f
+        end = f + in_f
+        while f < end:
+            b = f // blocksize
+            stop = min((b + 1) * blocksize, end)  # this row's part of block b
+            _row_scales(b, 1, absmax, nested, qabs, absmax2, code2, offset, dq_bs, sc)
+            c = sc[0]
+            s = np.float32(0.0)
+            i0 = f - r * in_f
+            for g in range(f, stop):
+                byte = np.int64(packed[g >> 1])
+                q = (byte >> 4) if (g & 1) == 0 else (byte & 15)  # even flat index: high nibble
+                s += code[q] * x[i0 + g - f]  # Σ code[q_i]·x_i over the block's items
+            acc += s * c  # y_r += c_b · Σ code[q_i]·x_i
+            f = stop
+        y[r] = acc
+
+
+_WIDTH = simd_width()
+_chunk = _make_chunk_intrinsic(_WIDTH if _WIDTH else 8)  # only compiled when _WIDTH > 0
+
+
+@njit(cache=True, fastmath=_FAST)
+def _gemv_simd(  # pragma: no cover - compiled
+    packed: np.ndarray,
+    absmax: np.ndarray,
+    nested: bool,
+    qabs: np.ndarray,
+    absmax2: np.ndarray,
+    code2: np.ndarray,
+    offset: np.float32,
+    dq_bs: int,
+    code: np.ndarray,
+    blocksize: int,
+    out_f: int,
+    in_f: int,
+    x: np.ndarray,
+    y: np.ndarray,
+) -> None:
+    """in % B == 0: rows hold whole blocks; _WIDTH bytes (2·_WIDTH weights) per step."""
+    width = _WIDTH
+    half = in_f // 2
+    xe = np.empty(half, np.float32)  # x_{2j}: partners of the high nibbles
+    xo = np.empty(half, np.float32)  # x_{2j+1}: partners of the low nibbles
+    for j in range(half):
+        xe[j] = x[2 * j]
+        xo[j] = x[2 * j + 1]
+    bpr = in_f // blocksize  # blocks per row
+    bb = blocksize // 2  # bytes per block (a multiple of width: B ≥ 32)
+    acc = np.zeros(4 * width, np.float32)  # four independent accumulators
+    sc = np.empty(bpr, np.float32)  # this row's block scales c_b
+    for r in range(out_f):
+        _row_scales(r * bpr, bpr, absmax, nested, qabs, absmax2, code2, offset, dq_bs, sc)
+        for t in range(4 * width):
+            acc[t] = 0.0
+        k = 0
+        for jb in range(bpr):
+            c = sc[jb]
+            p0 = (r * bpr + jb) * bb
+            for j in range(0, bb, width):
+                # acc += (code·c_b)[q_hi]·x_even + (code·c_b)[q_lo]·x_odd
+                _chunk(acc, (k & 3) * width, packed, p0 + j, xe, xo, jb * bb + j, code, c)
+                k += 1
+        y[r] = acc.sum()  # y_r = Σ over the four accumulators' lanes
+
+
+# ----------------------------------------------------------------------- public entry
+def _ro(a: np.ndarray, dtype: Any) -> np.ndarray:
+    """A read-only contiguous view: one compiled signature whatever the caller's flags."""
+    v = np.ascontiguousarray(a, dtype=dtype).view()
+    v.flags.writeable = False
+    return v
+
+
+def _dq_parts(state: Any) -> tuple:
+    """(absmax, nested, qabs, absmax2, code2, offset, dq_bs) as the kernels take them."""
+    dummy_u8, dummy_f = _ro(np.zeros(1), np.uint8), _ro(np.zeros(1), np.float32)
+    if state.state2 is None:
+        return (
+            _ro(state.absmax, np.float32),
+            False,
+            dummy_u8,
+            dummy_f,
+            _ro(np.zeros(256), np.float32),
+            np.float32(0.0),
+            1,
+        )
+    s2 = state.state2
+    return (
+        dummy_f,
+        True,
+        _ro(state.absmax, np.uint8),
+        _ro(s2.absmax, np.float32),
+        _ro(s2.code, np.float32),
+        np.float32(s2.offset),
+        int(s2.blocksize),
+    )
+
+
+def gemv_4bit(packed: Any, state: Any, x: Any, *, kernel: str = "numba") -> Any:
+    """y = Ŵ·x (``x @ Ŵᵀ`` for one row) from 4-bit codes, Ŵ never formed. [qlora.gemv4]
+
+    packed, state: from ``quantize_4bit`` of a 2-D weight W (out, in). x: (in,) or (B, in)
+    (B rows one after another: for more than a few rows dequantize once and use a matmul).
+    Returns float32 (out,) or (B, out). kernel: 'numba' (fused, default), 'numpy'
+    (dequantize-then-matmul reference), 'cuda' (CuPy arrays in and out).
+    """
+    from ...quant.blockwise import QuantState
+
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state: expected a QuantState, got {type(state).__name__}")
+    if kernel not in _KERNELS:
+        raise ValueError(f"kernel: expected one of {_KERNELS}, got {kernel!r}")
+    if len(state.shape) != 2:
+        raise ValueError(f"state: expected a 2-D weight (out, in), got shape {state.shape}")
+    out_f, in_f = state.shape
+    n_bytes = (out_f * in_f + 1) // 2
+    if getattr(packed, "dtype", None) != np.uint8 or packed.size != n_bytes:
+        raise ValueError(
+            f"packed: expected uint8 with {n_bytes} bytes for shape {state.shape}, got "
+            f"{getattr(packed, 'dtype', type(packed).__name__)} with "
+            f"{getattr(packed, 'size', '?')} items"
+        )
+    if not hasattr(x, "shape") or x.ndim not in (1, 2) or x.shape[-1] != in_f:
+        raise ValueError(
+            f"x: expected shape ({in_f},) or (B, {in_f}), got {getattr(x, 'shape', x)}"
+        )
+    if kernel == "cuda":
+        from ..cuda import gemv4 as cuda_gemv4
+
+        return cuda_gemv4.gemv_4bit(packed, state, x)
+    code = _ro(state.code, np.float32)
+    packed_np = _ro(packed, np.uint8).reshape(-1)
+    xs = _ro(x, np.float32).reshape(-1, in_f)  # (B, in)
+    if kernel == "numpy":
+        y = gemv_4bit_reference(
+            packed_np, state.block_scales(), code, state.blocksize, (out_f, in_f), xs.T
+        ).T  # (B, out)
+        return y.reshape(out_f) if x.ndim == 1 else y
+    parts = _dq_parts(state)
+    use_simd = _WIDTH > 0 and in_f % state.blocksize == 0
+    fn = _gemv_simd if use_simd else _gemv_portable
+    y = np.empty((xs.shape[0], out_f), dtype=np.float32)
+    for row in range(xs.shape[0]):
+        fn(
+            packed_np,
+            *parts,
+            code,
+            np.int64(state.blocksize),
+            np.int64(out_f),
+            np.int64(in_f),
+            xs[row],
+            y[row],
+        )
+    return y.reshape(out_f) if x.ndim == 1 else y
