@@ -1,0 +1,18 @@
+"""Experiments that measure minipeft's methods on a real pretrained model and real data.
+
+``compare``: fine-tuning methods on all-MiniLM-L6-v2 and the VADER lexicon task
+(``python -m minipeft.experiments.compare --full --out results/``). Imported lazily, so
+that ``python -m minipeft.experiments.compare`` runs the module once.
+"""
+
+from typing import Any
+
+__all__ = ["compare"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "compare":
+        from . import compare
+
+        return compare
+    raise AttributeError(f"module 'minipeft.experiments' has no attribute {name!r}")
