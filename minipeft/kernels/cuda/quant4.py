@@ -5,8 +5,9 @@ Called by ``minipeft.quant.quantize_4bit(..., kernel="cuda")`` and
 (``tests/test_blockwise.py`` compares them wherever CuPy sees a device).
 
     quant4_absmax      one thread block per quantization block: c_b = max |x_i|
-    quant4_quantize    one thread per output byte: two codes, high nibble first
-    quant4_dequantize  one thread per element: x̂ = code[q]·c_b
+    quant4_quantize    one thread per output byte: two codes, high nibble first, each by the
+                       branchless telescoping sum over the 15 midpoints (as the Numba kernel)
+    quant4_dequantize  one thread per byte: x̂ = code[q]·c_b for both nibbles, one float2 store
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ def quantize_4bit(x: Any, blocksize: int, mids: np.ndarray, order: np.ndarray) -
         raise ValueError(f"x: expected finite values, got {bad} non-finite")
     if blocksize % 2:
         raise ValueError(f"blocksize: expected an even size, got {blocksize}")
+    if np.size(mids) != 15 or np.size(order) != 16:
+        raise ValueError(
+            f"mids, order: expected 15 and 16 items, got {np.size(mids)}, {np.size(order)}"
+        )
     mids_np = np.ascontiguousarray(mids, dtype=np.float32)
     order_np = np.ascontiguousarray(order, dtype=np.uint8)
     pad_code = order_np[int(np.searchsorted(mids_np, np.float32(0.0), side="left"))]
@@ -54,7 +59,6 @@ def quantize_4bit(x: Any, blocksize: int, mids: np.ndarray, order: np.ndarray) -
             i32(blocksize),
             absmax,
             cupy.asarray(mids_np),
-            i32(mids_np.size),
             cupy.asarray(order_np),
             np.uint8(pad_code),
             packed,
@@ -71,8 +75,9 @@ def dequantize_4bit(packed: Any, absmax: Any, code: np.ndarray, blocksize: int, 
     absmax_d = cupy.ascontiguousarray(cupy.asarray(absmax), dtype=cupy.float32)
     code_d = cupy.asarray(np.ascontiguousarray(code, dtype=np.float32))
     out = cupy.empty(n, dtype=cupy.float32)
+    n_bytes = (n + 1) // 2
     load_module("quant4").get_function("quant4_dequantize")(
-        ((n + _THREADS - 1) // _THREADS,),
+        ((n_bytes + _THREADS - 1) // _THREADS,),
         (_THREADS,),
         (packed_d, absmax_d, code_d, np.int32(blocksize), np.int64(n), out),
     )
