@@ -245,7 +245,7 @@ def train(model, params, ids, steps, lr, seed, log=None):
             log.append((step + 1, held_out_loss(model, held_b)))
 
 
-PRE_STEPS, FT_STEPS = (2000, 400) if FULL else (300, 80)
+PRE_STEPS, FT_STEPS = (1000, 300) if FULL else (300, 80)
 cfg = GPT2Config(vocab_size=VOCAB, n_positions=T, n_embd=48, n_layer=2, n_head=4,
                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
 t0 = time.perf_counter()
