@@ -72,6 +72,19 @@ def test_gelu_matches_its_definition_through_scipy():
     np.testing.assert_allclose(dy, s + 2 * x * s * (1 - s) * c * (1 + 3 * k * x**2), rtol=1e-13)
 
 
+@pytest.mark.parametrize("chunk", [1, 5, 4096])
+def test_gelu_chunks_do_not_change_a_bit(chunk, monkeypatch):
+    """The sweeps run chunk by chunk through a small scratch: any chunk size, same bits."""
+    x32 = GRID.astype(np.float32)
+    whole = ew.gelu_fused(x32)
+    monkeypatch.setattr(ew, "GELU_CHUNK", chunk)
+    for got, ref in zip(ew.gelu_fused(x32), whole):
+        assert got.tobytes() == ref.tobytes()
+    for got, ref in zip(ew.gelu_fused(GRID), ew.gelu_reference(GRID)):
+        assert got.tobytes() == ref.tobytes()
+    assert ew.gelu_fused(x32, need_grad=False)[0].tobytes() == whole[0].tobytes()
+
+
 def test_gelu_need_grad_false_returns_the_same_value_and_no_derivative():
     x = GRID.astype(np.float32)
     y, dy = ew.gelu_fused(x, need_grad=False)
