@@ -1,13 +1,28 @@
-"""Blockwise NF4 quantize + dequantize throughput: NumPy reference, Numba, bitsandbytes CPU.
+"""4-bit kernels vs their baselines, one table of ratios: quantize, dequantize, fused GEMV.
 
-    /work/venv/bin/python benchmarks/bench_quant.py            # 4096×4096 float32, 5 repeats
-    /work/venv/bin/python benchmarks/bench_quant.py --size 1024 --repeats 3
+    /work/venv/bin/python benchmarks/bench_quant.py                  # 4096×4096, 7 rounds
+    /work/venv/bin/python benchmarks/bench_quant.py --rounds 11 --reference
 
-One thread each (OMP/MKL/torch/Numba threads pinned to 1 before the imports), one warm-up
-call, then the median of ``--repeats`` timed calls. Baselines, measured in this process:
-the NumPy reference (ratios are speed-ups over it) and a memory copy of the float32 matrix
-(``np.copyto``, the bandwidth limit: quantization must at least read those bytes). The
-bitsandbytes rows need torch and bitsandbytes and are left out without them. Not a test:
+Everything runs in this one process on one thread (OMP/MKL/OpenBLAS/Numba threads pinned to
+1 before the imports, ``torch.set_num_threads(1)``). After one warm-up call of each, the
+cases run in interleaved rounds (every case once per round), so a load change on a shared
+machine hits all of them alike; each time is the median over rounds with its min–max, each
+ratio the median of the per-round ratios with its min–max. Both the thread's CPU time and
+the wall time are printed; the ratios use CPU time unless ``--clock wall``: on a shared
+machine with more runnable processes than cores, a preemption adds a whole time slice
+(milliseconds) to the wall time of whatever is running, which inflates short cases most.
+
+Cases (NF4, blocksize 64, W float32 4096×4096 = 64 MiB):
+- quantize: minipeft Numba vs bitsandbytes' CPU path (``F.quantize_4bit``), and vs a
+  memory copy of the float32 matrix (``np.copyto`` into a reused buffer: the bandwidth
+  limit, quantization must at least read those bytes).
+- dequantize: minipeft Numba into a fresh array (what ``dequantize_4bit`` returns) and into
+  a reused ``out=`` buffer, vs bitsandbytes (fresh tensor; its CPU op has no ``out``), vs
+  the memory copy, and vs the floor of a fresh result: ``torch.empty`` + ``fill_`` of the
+  same 64 MiB (page faults + writes: no dequantizer returning a new tensor can beat it).
+- GEMV: the fused 4-bit kernel (plain and double-quantized scales) vs NumPy's float32
+  ``W @ x``.
+``--reference`` adds the NumPy reference quantizer (slow: seconds per call). Not a test:
 nothing here asserts a timing.
 """
 
@@ -25,71 +40,122 @@ from collections.abc import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from minipeft.kernels.cpu import gemv4  # noqa: E402
+from minipeft.kernels.cpu import quant4 as cpu_quant4  # noqa: E402
 from minipeft.quant import dequantize_4bit, quantize_4bit  # noqa: E402
-
-
-def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up (JIT compilation, caches, allocations)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=int, default=4096, help="matrix is size × size float32")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--size", type=int, default=4096, help="W is size × size float32")
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--blocksize", type=int, default=64)
+    ap.add_argument("--reference", action="store_true", help="also time the NumPy quantizer")
+    ap.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default="cpu",
+        help="ratios from this thread's CPU time (default: immune to time slices lost to other "
+        "processes on a shared machine; memory stalls and page faults still count) or wall time",
+    )
     args = ap.parse_args()
 
-    x = np.random.default_rng(0).standard_normal((args.size, args.size)).astype(np.float32)
-    bs = args.blocksize
-    rows: list[tuple[str, float, float]] = []  # (name, quantize s, dequantize s)
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((args.size, args.size)).astype(np.float32)
+    x = rng.standard_normal(args.size).astype(np.float32)
+    bs, n = args.blocksize, w.size
+    packed, state = quantize_4bit(w, bs, "nf4", kernel="numba")
+    packed_dq, state_dq = quantize_4bit(w, bs, "nf4", double_quant=True, kernel="numba")
+    out = np.empty(n, dtype=np.float32)
+    dst = np.empty_like(w)
 
-    for kernel in ("numpy", "numba"):
-        packed, state = quantize_4bit(x, bs, "nf4", kernel=kernel)
-        tq = _median_seconds(lambda k=kernel: quantize_4bit(x, bs, "nf4", kernel=k), args.repeats)
-        td = _median_seconds(
-            lambda k=kernel, p=packed, s=state: dequantize_4bit(p, s, kernel=k), args.repeats
-        )
-        rows.append((f"minipeft {kernel}", tq, td))
-
+    cases: dict[str, Callable[[], object]] = {
+        "quantize minipeft": lambda: quantize_4bit(w, bs, "nf4", kernel="numba"),
+        "dequantize minipeft": lambda: dequantize_4bit(packed, state, kernel="numba"),
+        "dequantize minipeft out=": lambda: cpu_quant4.dequantize_4bit(
+            packed, state.absmax, state.code, bs, n, out=out
+        ),
+        "memcpy float32": lambda: np.copyto(dst, w),
+        "gemv 4-bit fused": lambda: gemv4.gemv_4bit(packed, state, x),
+        "gemv 4-bit fused, dq": lambda: gemv4.gemv_4bit(packed_dq, state_dq, x),
+        "gemv numpy float32": lambda: w @ x,
+    }
+    if args.reference:
+        cases["quantize numpy reference"] = lambda: quantize_4bit(w, bs, "nf4")
     try:
         import torch
 
         torch.set_num_threads(1)
         import bitsandbytes.functional as F
 
-        xt = torch.from_numpy(x)
-        tp, qs = F.quantize_4bit(xt, blocksize=bs, quant_type="nf4")
-        tq = _median_seconds(
-            lambda: F.quantize_4bit(xt, blocksize=bs, quant_type="nf4"), args.repeats
-        )
-        td = _median_seconds(lambda: F.dequantize_4bit(tp, qs), args.repeats)
-        rows.append(("bitsandbytes CPU", tq, td))
+        wt = torch.from_numpy(w)
+        tp, qs = F.quantize_4bit(wt, blocksize=bs, quant_type="nf4")
+        cases["quantize bitsandbytes"] = lambda: F.quantize_4bit(wt, blocksize=bs, quant_type="nf4")
+        cases["dequantize bitsandbytes"] = lambda: F.dequantize_4bit(tp, qs)
+        cases["fresh 64 MiB: torch.empty+fill"] = lambda: torch.empty(w.shape).fill_(1.0)
+        have_bnb = True
     except ImportError as exc:
         print(f"(bitsandbytes rows left out: {exc})")
+        have_bnb = False
 
-    dst = np.empty_like(x)
-    tcopy = _median_seconds(lambda: np.copyto(dst, x), args.repeats)
+    for fn in cases.values():
+        fn()  # warm-up: JIT compilation, caches
+    wall: dict[str, list[float]] = {k: [] for k in cases}
+    cpu: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(args.rounds):
+        for name, fn in cases.items():
+            c0, t0 = time.thread_time(), time.perf_counter()
+            fn()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.thread_time() - c0)
+    times = cpu if args.clock == "cpu" else wall
 
-    n = x.size
-    ref_q, ref_d = rows[0][1], rows[0][2]
-    print(f"NF4, blocksize {bs}, {args.size}×{args.size} float32 ({x.nbytes / 2**20:.0f} MiB),")
-    print(f"one thread, median of {args.repeats} after a warm-up")
-    gbs = x.nbytes / tcopy / 1e9
-    print(f"memory copy of the float32 matrix: {tcopy * 1e3:8.2f} ms ({gbs:.1f} GB/s)")
-    head = f"{'implementation':<20} {'quant ms':>9} {'dequant ms':>10} {'Melem/s q':>10} "
-    head += f"{'× numpy q':>9} {'× numpy dq':>10} {'q / copy':>9} {'dq / copy':>9}"
-    print(head)
-    for name, tq, td in rows:
+    print(
+        f"NF4, blocksize {bs}, W {args.size}×{args.size} float32 ({w.nbytes / 2**20:.0f} MiB), "
+        f"one thread, {args.rounds} interleaved rounds; GEMV SIMD width {gemv4.simd_width()}; ms"
+    )
+    print(f"{'case':<32} {'CPU median':>10} {'min':>8} {'max':>8} {'wall median':>12} {'min':>8}")
+    for name in cases:
+        c, t = cpu[name], wall[name]
         print(
-            f"{name:<20} {tq * 1e3:9.2f} {td * 1e3:10.2f} {n / tq / 1e6:10.1f} "
-            f"{ref_q / tq:9.2f} {ref_d / td:10.2f} {tq / tcopy:9.1f} {td / tcopy:9.1f}"
+            f"{name:<32} {statistics.median(c) * 1e3:10.2f} {min(c) * 1e3:8.2f} "
+            f"{max(c) * 1e3:8.2f} {statistics.median(t) * 1e3:12.2f} {min(t) * 1e3:8.2f}"
         )
+
+    def ratio(num: str, den: str) -> tuple[float, float, float]:
+        r = [a / b for a, b in zip(times[num], times[den], strict=True)]  # per round
+        return statistics.median(r), min(r), max(r)
+
+    rows: list[tuple[str, str, str, str]] = []  # (label, numerator, denominator, target)
+    if have_bnb:
+        rows += [
+            ("quantize: bnb / minipeft", "quantize bitsandbytes", "quantize minipeft", "≥ 10"),
+            ("dequantize: bnb / minipeft", "dequantize bitsandbytes", "dequantize minipeft",
+             "≥ 3"),
+            ("dequantize: bnb / minipeft out=", "dequantize bitsandbytes",
+             "dequantize minipeft out=", "≥ 3"),
+            ("dequantize: bnb / fresh-64MiB floor", "dequantize bitsandbytes",
+             "fresh 64 MiB: torch.empty+fill", ""),
+        ]  # fmt: skip
+    rows += [
+        ("quantize: minipeft / memcpy", "quantize minipeft", "memcpy float32", "(limit 1)"),
+        ("dequantize: minipeft / memcpy", "dequantize minipeft", "memcpy float32", ""),
+        ("dequantize out=: minipeft / memcpy", "dequantize minipeft out=", "memcpy float32", ""),
+        ("gemv: numpy f32 / fused 4-bit", "gemv numpy float32", "gemv 4-bit fused", "≥ 2"),
+        ("gemv: numpy f32 / fused 4-bit dq", "gemv numpy float32", "gemv 4-bit fused, dq", "≥ 2"),
+    ]
+    if args.reference:
+        rows.append(
+            ("quantize: numpy ref / minipeft", "quantize numpy reference", "quantize minipeft", "")
+        )
+    print()
+    print(
+        f"{'time ratio (' + args.clock + '), per round':<40} "
+        f"{'median':>7} {'min':>7} {'max':>7}  target"
+    )
+    for label, num, den, target in rows:
+        m, lo, hi = ratio(num, den)
+        print(f"{label:<40} {m:7.2f} {lo:7.2f} {hi:7.2f}  {target}")
     return 0
 
 
