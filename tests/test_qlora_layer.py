@@ -184,6 +184,13 @@ def test_merge_pissa_dora_are_refused_without_changing_the_layer():
     np.testing.assert_array_equal(layer.base_layer.weight.packed, packed)
 
 
+def test_other_adapters_refuse_a_4bit_base_clearly():
+    from minipeft.peft import IA3Layer
+
+    with pytest.raises(TypeError, match="LoRA adapters only"):
+        IA3Layer(Linear4bit.from_float(Linear(8, 4)), "a", is_feedforward=False)
+
+
 def test_bad_input():
     w4, _ = _w4((4, 6))
     with pytest.raises(ValueError, match="packed"):

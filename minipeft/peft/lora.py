@@ -256,7 +256,9 @@ class _AdapterDict(Module):
         delattr(self, name)
 
 
-def base_layout(base: Module, fan_in_fan_out: bool | None = None) -> tuple[int, int, bool]:
+def base_layout(
+    base: Module, fan_in_fan_out: bool | None = None, *, allow_4bit: bool = False
+) -> tuple[int, int, bool]:
     """(in_features, out_features, fan_in_fan_out) of a Linear (out, in) or Conv1D (in, out).
 
     Like HF PEFT, a Conv1D base forces ``fan_in_fan_out=True`` (with a warning when the
@@ -264,6 +266,11 @@ def base_layout(base: Module, fan_in_fan_out: bool | None = None) -> tuple[int, 
     """
     w = getattr(base, "weight", None)
     is_4bit = getattr(base, "is_4bit", False)  # minipeft.quant.qlora.Linear4bit (QLoRA)
+    if is_4bit and not allow_4bit:
+        raise TypeError(
+            "base: a 4-bit layer (Linear4bit) can carry LoRA adapters only (QLoRA); this "
+            "adapter needs a float weight"
+        )
     if not (isinstance(w, Tensor) or is_4bit) or w.ndim != 2:
         raise TypeError(
             "base: expected a layer with a 2-D weight (Linear or Conv1D), "
@@ -293,7 +300,9 @@ class LoraLayer(Module):
 
     def __init__(self, base: Module, fan_in_fan_out: bool | None = None) -> None:
         super().__init__()
-        self.in_features, self.out_features, self.fan_in_fan_out = base_layout(base, fan_in_fan_out)
+        self.in_features, self.out_features, self.fan_in_fan_out = base_layout(
+            base, fan_in_fan_out, allow_4bit=True
+        )
         base.requires_grad_(False)  # the base layer is frozen: the point of PEFT
         self.base_layer = base
         self.lora_A = _AdapterDict()
