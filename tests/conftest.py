@@ -8,7 +8,20 @@ from __future__ import annotations
 
 import os
 
-from hypothesis import HealthCheck, settings
+# One BLAS/OpenMP thread for the tests and for the notebook kernels they start (children
+# inherit the environment): on this project's 2-core machines the small matrix products of
+# the tests run several times slower with two threads than with one.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+try:  # the variables above are too late for a BLAS this process has already loaded
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1)
+except ImportError:  # pragma: no cover - threadpoolctl comes with scipy/scikit-learn
+    pass
+
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 # JIT compilation (Numba) trips hypothesis' per-example deadline: no deadline anywhere.
 settings.register_profile(
