@@ -280,3 +280,27 @@ def test_qlora_matches_hf_peft_on_a_bitsandbytes_linear4bit():
         np.testing.assert_allclose(
             ours_p["default"].weight.grad, theirs.default.weight.grad.numpy(), rtol=1e-4, atol=1e-4
         )
+
+
+def test_saved_adapter_loads_onto_a_quantized_model(tmp_path):
+    """save_pretrained on a QLoRA model, from_pretrained onto a freshly quantized base."""
+    from minipeft.autograd.tensor import no_grad
+    from minipeft.models.gpt2 import GPT2, GPT2Config
+    from minipeft.peft import LoraConfig, PeftModel, get_peft_model
+    from minipeft.quant.qlora import quantize_model
+
+    def base():
+        backend.seed(3)
+        m = GPT2(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=40, n_positions=16))
+        quantize_model(m, ["c_attn", "c_fc"], quant_type="nf4", blocksize=64)
+        return m.eval()
+
+    model = get_peft_model(base(), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
+                                              init_lora_weights=False))  # fmt: skip
+    ids = np.array([[1, 2, 3, 4, 5]])
+    with no_grad():
+        want = model(ids).data
+    model.save_pretrained(str(tmp_path))
+    loaded = PeftModel.from_pretrained(base(), str(tmp_path))
+    with no_grad():
+        np.testing.assert_array_equal(loaded(ids).data, want)

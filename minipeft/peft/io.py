@@ -213,7 +213,12 @@ def load_adapter(model: Module, directory: str | Path, adapter: str = "default")
     d = Path(directory)
     cfg = read_adapter_config(d)
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    originals = {n: m.weight.data.copy() for n, m in model.named_modules() if _is_target(cfg, n, m)}
+    # float weights that an init (PiSSA/OLoRA) may rewrite; a 4-bit base is never rewritten
+    originals = {
+        n: m.weight.data.copy()
+        for n, m in model.named_modules()
+        if _is_target(cfg, n, m) and not getattr(m, "is_4bit", False)
+    }
     pm = get_peft_model(model, cfg, adapter)
     try:
         _fill_adapter(pm, adapter, d, cfg)
