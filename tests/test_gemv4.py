@@ -232,3 +232,18 @@ def test_numba_dequantize_into_out_buffer():
     assert out.tobytes() == dequantize_4bit(packed, state).tobytes()
     with pytest.raises(ValueError, match="out"):
         cpu_quant4.dequantize_4bit(packed, state.absmax, state.code, 64, 1001, out=out[:-1])
+
+
+@pytest.mark.skipif(cpu_quant4._WIDTH == 0, reason="no AVX2/AVX-512 permute kernel on this CPU")
+@pytest.mark.parametrize(
+    ("n", "bs", "qt"), [(4096, 32, "nf4"), (3001, 64, "fp4"), (777, 256, "int4")]
+)
+def test_simd_and_portable_dequantize_bit_identical(n, bs, qt):
+    x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    x[:bs] = 0.0  # a zero block
+    x[bs + 1] = -0.0
+    packed, state = quantize_4bit(x, bs, qt)
+    simd = cpu_quant4.dequantize_4bit(packed, state.absmax, state.code, bs, n)
+    portable = np.empty(n, np.float32)
+    cpu_quant4._dequantize_kernel(packed, state.absmax, state.code, bs, n, portable, 0)
+    assert simd.tobytes() == portable.tobytes() == dequantize_4bit(packed, state).tobytes()

@@ -29,12 +29,12 @@ Accuracy: float32 products and sums in a different order from a float64 referenc
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import numpy as np
-from numba import config, njit, types
-from numba.extending import intrinsic
+from numba import njit
+
+from .simd import make_gemv_chunk, simd_width
 
 __all__ = ["gemv_4bit", "gemv_4bit_reference", "simd_width"]
 
@@ -60,114 +60,6 @@ def gemv_4bit_reference(
     scale = np.repeat(np.asarray(scales, dtype=np.float32), blocksize)[:n]  # c_b per element
     w_hat = (code[q[:n]] * scale).reshape(out_f, in_f)  # ŵ = code[q]·c_b   (out, in)
     return w_hat @ np.asarray(x, dtype=np.float32)  # y = Ŵ·x   (out,) or (out, B)
-
-
-# ----------------------------------------------------------------------- SIMD intrinsics
-@functools.cache
-def simd_width() -> int:
-    """Lanes of the permute kernel on this CPU: 16 (AVX-512F), 8 (AVX2+FMA) or 0 (none)."""
-    if config.DISABLE_JIT or config.CPU_NAME not in (None, "host"):
-        return 0  # no compiled code, or a generic/other target that may lack the instruction
-    try:
-        from llvmlite import binding as llvm
-
-        feats = llvm.get_host_cpu_features()
-    except Exception:  # pragma: no cover - llvmlite always has it on x86
-        return 0
-    if feats.get("avx512f", False):
-        return 16
-    if feats.get("avx2", False) and feats.get("fma", False):
-        return 8
-    return 0
-
-
-def _make_chunk_intrinsic(width: int) -> Any:
-    """An intrinsic adding code·c (permuted by ``width`` packed bytes) times x to ``acc``.
-
-    chunk(acc, slot, packed, p_off, xe, xo, x_off, code, scale):
-        t      = code · scale                              (16 levels, float32)
-        q_hi_j = packed[p_off + j] >> 4, q_lo_j = … & 15   (j < width)
-        acc[slot : slot+width] += t[q_hi]·xe[x_off:…] + t[q_lo]·xo[x_off:…]
-    xe, xo: the even and odd items of x (the high and low nibbles' partners).
-    """
-    from llvmlite import ir
-    from numba.core import cgutils
-
-    f32, i32, i8 = ir.FloatType(), ir.IntType(32), ir.IntType(8)
-    vf, vi, vb = ir.VectorType(f32, width), ir.VectorType(i32, width), ir.VectorType(i8, width)
-    v8f, v8i = ir.VectorType(f32, 8), ir.VectorType(i32, 8)
-
-    @intrinsic
-    def chunk(
-        typingctx: Any,
-        acc: Any,
-        slot: Any,
-        packed: Any,
-        p_off: Any,
-        xe: Any,
-        xo: Any,
-        x_off: Any,
-        code: Any,
-        scale: Any,
-    ) -> Any:
-        sig = types.void(acc, types.intp, packed, types.intp, xe, xo, types.intp, code, scale)
-
-        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            acc_a, slot_v, pk_a, pk_off, xe_a, xo_a, x_off_v, code_a, scale_v = args
-            tys = signature.args
-            mod = builder.module
-
-            def ptr(k: int, ary: Any, off: Any, vty: Any) -> Any:
-                data = context.make_array(tys[k])(context, builder, ary).data
-                return builder.bitcast(builder.gep(data, [off]), vty.as_pointer())
-
-            zero = ir.Constant(ir.IntType(64), 0)
-            fma = cgutils.get_or_insert_function(
-                mod, ir.FunctionType(vf, [vf, vf, vf]), f"llvm.fma.v{width}f32"
-            )
-            bytes_ = builder.load(ptr(2, pk_a, pk_off, vb), align=1)
-            w = builder.zext(bytes_, vi)
-            hi = builder.lshr(w, ir.Constant(vi, [4] * width))  # first element: high nibble
-            lo = builder.and_(w, ir.Constant(vi, [15] * width))
-            code_v = builder.load(ptr(7, code_a, zero, ir.VectorType(f32, 16)), align=4)
-            sc16 = builder.insert_element(ir.VectorType(f32, 16)(ir.Undefined), scale_v, i32(0))
-            sc16 = builder.shuffle_vector(
-                sc16,
-                ir.VectorType(f32, 16)(ir.Undefined),
-                ir.Constant(ir.VectorType(i32, 16), [0] * 16),
-            )
-            table = builder.fmul(code_v, sc16)  # t = code·c_b (16 levels)
-            if width == 16:
-                perm = cgutils.get_or_insert_function(
-                    mod, ir.FunctionType(vf, [vf, vi]), "llvm.x86.avx512.permvar.sf.512"
-                )
-
-                def lut(idx: Any) -> Any:
-                    return builder.call(perm, [table, idx])  # t[q], one permute
-            else:
-                perm = cgutils.get_or_insert_function(
-                    mod, ir.FunctionType(v8f, [v8f, v8i]), "llvm.x86.avx2.permps"
-                )
-                undef16 = ir.VectorType(f32, 16)(ir.Undefined)
-                t_lo = builder.shuffle_vector(table, undef16, ir.Constant(v8i, list(range(8))))
-                t_hi = builder.shuffle_vector(table, undef16, ir.Constant(v8i, list(range(8, 16))))
-                seven = ir.Constant(vi, [7] * width)
-
-                def lut(idx: Any) -> Any:  # t[q]: permute both halves, select on q > 7
-                    a = builder.call(perm, [t_lo, idx])
-                    b = builder.call(perm, [t_hi, idx])
-                    return builder.select(builder.icmp_unsigned(">", idx, seven), b, a)
-
-            pacc = ptr(0, acc_a, slot_v, vf)
-            a = builder.load(pacc, align=4)
-            a = builder.call(fma, [lut(hi), builder.load(ptr(4, xe_a, x_off_v, vf), align=4), a])
-            a = builder.call(fma, [lut(lo), builder.load(ptr(5, xo_a, x_off_v, vf), align=4), a])
-            builder.store(a, pacc, align=4)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return chunk
 
 
 # ----------------------------------------------------------------------- Numba kernels
@@ -234,7 +126,7 @@ def _gemv_portable(  # pragma: no cover - compiled
 
 
 _WIDTH = simd_width()
-_chunk = _make_chunk_intrinsic(_WIDTH if _WIDTH else 8)  # only compiled when _WIDTH > 0
+_chunk = make_gemv_chunk(_WIDTH if _WIDTH else 8)  # only compiled when _WIDTH > 0
 
 
 @njit(cache=True, fastmath=_FAST)

@@ -22,7 +22,9 @@ How the loops are made fast without changing a bit (one block at a time, in L1):
   telescopes to order[k] exactly, with the same strict comparison (ties stay low). The
   clamp to [−1, 1] is skipped: no midpoint lies outside (−1, 1), so it changes no count.
 - dequantization through the block's 16-entry table t = code·c_b (the same float32
-  product as code[q]·c_b), two nibbles per byte.
+  product as code[q]·c_b), two nibbles per byte; on x86 with AVX2/AVX-512 the lookups are
+  register permutes (``simd.make_dequant_chunk``) and the pairs are interleaved in
+  registers, so a block is a few vector instructions.
 
 ``@njit(cache=True)``; with ``NUMBA_DISABLE_JIT=1`` the same functions run as Python on
 NumPy float32 scalars and give the same bytes (tested).
@@ -32,6 +34,8 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit
+
+from .simd import make_dequant_chunk, simd_width
 
 __all__ = ["dequantize_4bit", "quantize_4bit"]
 
@@ -120,10 +124,12 @@ def _dequantize_kernel(  # pragma: no cover - compiled
     blocksize: int,
     n: int,
     out: np.ndarray,
+    b0: int,
 ) -> None:
+    """Blocks b0, b0+1, …: portable loop over the block's 16-entry table."""
     n_blocks = absmax.shape[0]
     t = np.empty(16, np.float32)
-    for b in range(n_blocks):
+    for b in range(b0, n_blocks):
         scale = absmax[b]
         for k in range(16):
             t[k] = code[k] * scale  # the block's table: x̂ = code[q]·c_b, same product
@@ -137,6 +143,31 @@ def _dequantize_kernel(  # pragma: no cover - compiled
             o[2 * j + 1] = t[byte & np.uint32(15)]
         if o.shape[0] & 1:  # odd n: the last byte's high nibble only
             o[o.shape[0] - 1] = t[np.uint32(p[o.shape[0] >> 1]) >> np.uint32(4)]
+
+
+_WIDTH = simd_width()
+_deq_chunk = make_dequant_chunk(_WIDTH if _WIDTH else 8)  # only compiled when _WIDTH > 0
+
+
+@njit(cache=True, boundscheck=False)
+def _dequantize_simd(  # pragma: no cover - compiled
+    packed: np.ndarray,
+    absmax: np.ndarray,
+    code: np.ndarray,
+    blocksize: int,
+    n: int,
+    out: np.ndarray,
+) -> None:
+    """Full blocks by register permutes (_WIDTH bytes → 2·_WIDTH values per step), the
+    short last block by the portable loop; the same products t = code·c_b either way."""
+    width = _WIDTH
+    n_full = n // blocksize
+    bb = blocksize // 2  # bytes per block, a multiple of width (B ≥ 32)
+    for b in range(n_full):
+        c = absmax[b]
+        for j in range(0, bb, width):
+            _deq_chunk(out, b * blocksize + 2 * j, packed, b * bb + j, code, c)
+    _dequantize_kernel(packed, absmax, code, blocksize, n, out, n_full)
 
 
 def quantize_4bit(
@@ -174,9 +205,14 @@ def dequantize_4bit(
     packed = np.ascontiguousarray(packed, dtype=np.uint8).reshape(-1)
     absmax = np.ascontiguousarray(absmax, dtype=np.float32)
     code = np.ascontiguousarray(code, dtype=np.float32)
+    if code.shape != (16,):
+        raise ValueError(f"code: expected a (16,) table, got shape {code.shape}")
     if out is None:
         out = np.empty(n, dtype=np.float32)
     elif out.dtype != np.float32 or out.shape != (n,) or not out.flags.c_contiguous:
         raise ValueError(f"out: expected a contiguous float32 ({n},), got {out.dtype} {out.shape}")
-    _dequantize_kernel(packed, absmax, code, np.int64(blocksize), np.int64(n), out)
+    if _WIDTH and blocksize % (2 * _WIDTH) == 0:
+        _dequantize_simd(packed, absmax, code, np.int64(blocksize), np.int64(n), out)
+    else:
+        _dequantize_kernel(packed, absmax, code, np.int64(blocksize), np.int64(n), out, 0)
     return out
