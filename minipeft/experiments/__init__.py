@@ -5,6 +5,7 @@
 that ``python -m minipeft.experiments.compare`` runs the module once.
 """
 
+import importlib
 from typing import Any
 
 __all__ = ["compare"]
@@ -12,7 +13,5 @@ __all__ = ["compare"]
 
 def __getattr__(name: str) -> Any:
     if name == "compare":
-        from . import compare
-
-        return compare
+        return importlib.import_module(f"{__name__}.compare")
     raise AttributeError(f"module 'minipeft.experiments' has no attribute {name!r}")

@@ -276,15 +276,12 @@ FULL: dict[str, Any] = {
         "houlsby", "prompt", "ptuning_v2",
     ],
     "steps": 60, "sweep_steps": 15, "eval_every": 15, "subset": None, "eval_subset": None,
+    "n_general": 64,
 }  # fmt: skip
 REDUCED: dict[str, Any] = {
-    **FULL,
-    "steps": 4,
-    "sweep_steps": 2,
-    "eval_every": 2,
-    "subset": 256,
-    "eval_subset": 64,
-}
+    **FULL, "steps": 3, "sweep_steps": 1, "eval_every": 1, "subset": 256, "eval_subset": 64,
+    "n_general": 16,
+}  # fmt: skip
 
 
 def prepare(
@@ -574,7 +571,7 @@ def format_table(results: Mapping[str, Any]) -> str:
             f"| {r['label']} | {100 * r['test_acc']:.1f} % | {100 * r['val_acc']:.1f} % "
             f"| {r['trainable_params']:,} | {r['lr']:.2g} | {r['peak_bytes'] / 2**20:.1f} "
             f"| {r['weights_bytes'] / 2**20:.1f} | {r['median_step_s']:.3f} "
-            f"| {r['drift_init']:.4f} | {r['drift']:.4f} |"
+            f"| {max(r['drift_init'], 0.0):.4f} | {max(r['drift'], 0.0):.4f} |"
         )
     b = results["baseline"]
     rows.append(
@@ -684,6 +681,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = run_comparison(
             cfg["methods"], cfg["steps"], cfg["subset"], a.seed, sweep_steps=cfg["sweep_steps"],
             eval_every=cfg["eval_every"], eval_subset=cfg["eval_subset"],
+            n_general=cfg["n_general"],
             progress=not a.no_progress,
         )  # fmt: skip
     except (ValueError, FileNotFoundError) as exc:
