@@ -13,7 +13,7 @@ update of the trainable parameters (lr 1e-4).
 
 Threads: OMP/OpenBLAS/MKL/Numba set to 1 before NumPy is imported, ``torch.set_num_threads(1)``.
 Timing: ``--warmup`` steps, then the median (min/max) of ``--repeats`` steps, the sides
-alternating step by step.
+alternating step by step; also the median CPU time of the process per step.
 
     python benchmarks/bench_lora_step.py               # timing table + top of the profile
     python benchmarks/bench_lora_step.py --profile     # cProfile of the minipeft step only
@@ -34,11 +34,10 @@ import argparse  # noqa: E402
 import importlib  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-from bench_train_step import baseline_package, profile_text  # noqa: E402
+from bench_train_step import baseline_package, profile_text, time_interleaved  # noqa: E402
 
 CONFIG = dict(
     vocab_size=512, n_positions=128, n_embd=256, n_layer=4, n_head=4, resid_pdrop=0.0,
@@ -138,32 +137,24 @@ def main() -> int:
             pstats.Stats(prof).sort_stats("tottime").print_stats(20)
             return 0
         steps["HF PEFT (torch)"] = torch_stepper(d, ids)
-        first = {name: step() for name, step in steps.items()}
-        for _ in range(args.warmup - 1):
-            for step in steps.values():
-                step()
-        times: dict[str, list[float]] = {name: [] for name in steps}
-        for _ in range(args.repeats):
-            for name, step in steps.items():
-                t0 = time.perf_counter()
-                step()
-                times[name].append(time.perf_counter() - t0)
+        first, times, cpu = time_interleaved(steps, args.warmup, args.repeats)
         prof = profile_text(steps["minipeft"], args.profile_top) if args.profile_top else ""
     print(f"LoRA r={RANK} on c_attn, GPT-2 L={CONFIG['n_layer']} d={CONFIG['n_embd']}, "
           f"batch {BATCH}×{SEQ}, one thread; first-step losses: "
           + ", ".join(f"{k} {v:.6f}" for k, v in first.items()))  # fmt: skip
     med = {k: statistics.median(v) for k, v in times.items()}
+    mcpu = {k: statistics.median(v) for k, v in cpu.items()}
     print(f"warm-up {args.warmup}, median of {args.repeats}, sides taking turns")
-    print(f"{'side':18s} {'median ms':>10s} {'min':>8s} {'max':>8s}")
+    print(f"{'side':18s} {'median ms':>10s} {'min':>8s} {'max':>8s} {'median CPU ms':>14s}")
     for k, v in times.items():
-        print(f"{k:18s} {1e3 * med[k]:10.1f} {1e3 * min(v):8.1f} {1e3 * max(v):8.1f}")
-    for k in times:
-        if k.startswith("minipeft"):
-            print(f"ratio {k} / HF PEFT: {med[k] / med['HF PEFT (torch)']:.2f}"
-                  "  (issue 3's target: ≤ 1.3)")  # fmt: skip
-    for k in times:
-        if k.startswith("minipeft@"):
-            print(f"ratio minipeft / {k}: {med['minipeft'] / med[k]:.2f}")
+        print(f"{k:18s} {1e3 * med[k]:10.1f} {1e3 * min(v):8.1f} {1e3 * max(v):8.1f} "
+              f"{1e3 * mcpu[k]:14.1f}")  # fmt: skip
+    pairs = [(k, "HF PEFT (torch)") for k in times if k.startswith("minipeft")]
+    pairs += [("minipeft", k) for k in times if k.startswith("minipeft@")]
+    for a, b in pairs:
+        target = "  (issue 3's target: ≤ 1.3)" if b.startswith("HF") else ""
+        print(f"ratio {a} / {b}: {med[a] / med[b]:.2f} (median wall), "
+              f"{mcpu[a] / mcpu[b]:.2f} (median CPU){target}")  # fmt: skip
     if prof:
         print(prof)
     return 0

@@ -12,7 +12,8 @@ first step's losses are printed side by side as a check.
 
 Threads: OMP/OpenBLAS/MKL set to 1 before NumPy is imported, ``torch.set_num_threads(1)``.
 Timing: ``--warmup`` steps, then the median (and min/max) of ``--repeats`` steps, the two
-sides alternating step by step (a load change on a shared machine hits both alike).
+sides alternating step by step (a load change on a shared machine hits both alike); also
+the median CPU time of the process per step, which leaves out waiting for a core.
 
     python benchmarks/bench_train_step.py                 # timing table
     python benchmarks/bench_train_step.py --memory        # + peak RSS, one process per side
@@ -170,20 +171,24 @@ def torch_stepper(directory: str, ids: np.ndarray):
     return step
 
 
-def time_interleaved(steps: dict, warmup: int, repeats: int) -> tuple[dict, dict]:
-    """First-step losses and per-repeat times; the sides alternate step by step so that a
-    change in machine load during the run hits both alike."""
+def time_interleaved(steps: dict, warmup: int, repeats: int) -> tuple[dict, dict, dict]:
+    """First-step losses, per-repeat wall times and per-repeat CPU times of this process;
+    the sides alternate step by step so that a change in machine load during the run hits
+    both alike. On a loaded machine the CPU time leaves out the time spent waiting for a
+    core (one thread per side, so it is the step's own compute plus cache effects)."""
     first = {name: step() for name, step in steps.items()}
     for _ in range(warmup - 1):
         for step in steps.values():
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             step()
             times[name].append(time.perf_counter() - t0)
-    return first, times
+            cpu[name].append(time.process_time() - c0)
+    return first, times, cpu
 
 
 def run_memory_side(side: str, directory: str) -> dict:
@@ -252,7 +257,7 @@ def main() -> int:
             steps["torch"] = torch_stepper(d, ids)
         except ImportError as exc:
             print(f"PyTorch/transformers unavailable ({exc}); minipeft only")
-        first, times = time_interleaved(steps, args.warmup, args.repeats)
+        first, times, cpu = time_interleaved(steps, args.warmup, args.repeats)
         prof = profile_text(mp_step, args.profile_top) if args.profile_top else ""
         mem = {}
         if args.memory:
@@ -269,7 +274,7 @@ def main() -> int:
     shape += f"V={CONFIG['vocab_size']}, batch {BATCH}×{SEQ}, float32, 1 thread"
     print(f"training step (fwd + loss + bwd + AdamW): {shape}")
     print(f"warm-up {args.warmup}, median of {args.repeats}")
-    rows = [("side", "median s", "min s", "max s", "first loss", "peak MiB")]
+    rows = [("side", "median s", "min s", "max s", "median CPU s", "first loss", "peak MiB")]
 
     for name in steps:
         m = mem.get(name)
@@ -281,18 +286,18 @@ def main() -> int:
         t = times[name]
         rows.append(
             (name, f"{statistics.median(t):.4f}", f"{min(t):.4f}", f"{max(t):.4f}",
-             f"{first[name]:.6f}", peak)
+             f"{statistics.median(cpu[name]):.4f}", f"{first[name]:.6f}", peak)
         )  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
     med = {name: statistics.median(t) for name, t in times.items()}
-    for name in steps:
-        if "torch" in steps and name != "torch":
-            print(f"ratio {name}/torch (median step time): {med[name] / med['torch']:.2f}")
-    for name in steps:
-        if name.startswith("minipeft@"):
-            print(f"ratio minipeft/{name} (median step time): {med['minipeft'] / med[name]:.2f}")
+    mcpu = {name: statistics.median(t) for name, t in cpu.items()}
+    pairs = [(name, "torch") for name in steps if "torch" in steps and name != "torch"]
+    pairs += [("minipeft", name) for name in steps if name.startswith("minipeft@")]
+    for a, b in pairs:
+        print(f"ratio {a}/{b}: {med[a] / med[b]:.2f} (median wall), "
+              f"{mcpu[a] / mcpu[b]:.2f} (median CPU)")  # fmt: skip
     if mem:
         print("peak MiB = peak RSS − RSS after imports, each side alone in a fresh process")
     if prof:

@@ -54,7 +54,7 @@ def test_split_vjp_matches_central_differences_with_unused_pieces(case):
                 total = term if total is None else total + term
         return total if total is not None else (t * 0.0).sum()
 
-    assert gradcheck(f, [x]).max_rel_error < 1e-7
+    assert gradcheck(f, [x]).max_rel_error < 1e-6  # rounding of L·u/ε on small entries
     t = Tensor(x, requires_grad=True)
     f(t).backward()
     for piece, u in zip(np.split(t.grad, np.cumsum(sizes)[:-1], axis=axis), used):

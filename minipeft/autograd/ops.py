@@ -287,8 +287,11 @@ class Gelu(Function):
         return y
 
     def backward(self, g: Array) -> Any:
-        # x̄ = ḡ ⊙ y',  y' = s + 2x·s(1 − s)·du/dx  (computed in forward)
-        return g * self.dydx
+        # x̄ = ḡ ⊙ y',  y' = s + 2x·s(1 − s)·du/dx  (computed in forward); y' is ours and
+        # used once (the graph is freed after backward), so x̄ takes its place: no new array
+        dydx = self.dydx
+        dydx *= g
+        return dydx
 
 
 class Cast(Function):
