@@ -290,6 +290,8 @@ def test_adalora_files_move_both_ways_with_hf_peft(tmp_path):
     model.peft_config["default"].rank_pattern = {
         f"transformer.h.{i}.{m}.lora_E": k for i in range(2) for m, k in kept.items()
     }
+    # a matrix may lose every triplet (PEFT allows rank 0)
+    model.peft_config["default"].rank_pattern["transformer.h.1.mlp.c_fc.lora_E"] = [False] * 4
     model.rankallocator.mask_using_rank_pattern(
         {k.removesuffix(".lora_E"): v for k, v in model.peft_config["default"].rank_pattern.items()}
     )
@@ -305,6 +307,14 @@ def test_adalora_files_move_both_ways_with_hf_peft(tmp_path):
     with torch.no_grad():
         theirs = back(torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(ours_logits, theirs, rtol=1e-4, atol=1e-5)
+    # and minipeft reads its own file back, the rank-0 matrix included
+    again = PeftModel.from_pretrained(
+        GPT2.from_pretrained(tmp_path / "base"), str(tmp_path / "ours")
+    )
+    again.eval()
+    with no_grad():
+        np.testing.assert_allclose(again(ids).data, ours_logits, rtol=1e-6, atol=1e-7)
+    assert {n: m.r for n, m in again.adapter_layers()}["transformer.h.1.mlp.c_fc"] == 0
 
 
 def test_adalora_through_get_peft_model_trains_and_allocates():

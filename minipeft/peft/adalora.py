@@ -319,10 +319,7 @@ class SVDLinear(Module):
         ranknum stays at the initial rank, so the scaling — and the update — are unchanged.
         """
         kept = prune_to_rank_pattern(self, keep)
-        rank = int(np.count_nonzero(keep))
-        if rank < 1:
-            raise ValueError(f"keep: a layer must keep at least one triplet, got {keep}")
-        self.r = rank
+        self.r = int(np.count_nonzero(keep))  # 0 is allowed, as in PEFT: the update vanishes
         for kind in ("lora_A", "lora_E", "lora_B"):
             setattr(getattr(self, kind), self.adapter_name, Parameter(kept[kind]))
 
