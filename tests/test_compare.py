@@ -253,3 +253,37 @@ def test_run_comparison_real_minilm_two_steps(tmp_path):
     ]  # fmt: skip
     assert json.loads(files[0].read_text())["runs"][1]["method"] == "lora"
     assert "| LoRA |" in format_table(res) and "| LoRA |" in files[1].read_text()
+
+
+def test_observations_and_table_from_numbers():
+    from minipeft.experiments.compare import observations
+
+    def run(method, label, acc, lr, drift, drift_init=0.0):
+        sweep = [{"lr": x, "val_acc": 0.5, "mean_loss": 0.7} for x in (1e-4, 3e-4, 1e-3)]
+        return {
+            "method": method, "label": label, "test_acc": acc, "val_acc": acc, "lr": lr,
+            "sweep": sweep, "drift": drift, "drift_init": drift_init, "trainable_params": 1,
+            "peak_bytes": 0, "weights_bytes": 0, "median_step_s": 0.1,
+        }  # fmt: skip
+
+    results = {
+        "config": {"test_examples": 100},
+        "baseline": {"majority_test_acc": 0.5},
+        "runs": [
+            run("linear_probe", "Probe", 0.50, 3e-4, 0.0),
+            run("lora", "LoRA", 0.80, 1e-3, 0.01),  # +30 points; 2·SE of the gap ≈ 0.12
+            run("qlora", "QLoRA", 0.55, 1e-4, 0.02, 0.02),  # +5: within noise
+        ],
+    }
+    obs = observations(results)
+    assert "Highest test accuracy: LoRA (80.0 %)." in obs
+    assert any(o.startswith("LoRA: 30.0 points above") for o in obs)
+    assert any(o.startswith("QLoRA: within 2 standard errors") for o in obs)
+    assert any("edge of its grid" in o and "LoRA (highest)" in o and "QLoRA (lowest)" in o
+               for o in obs)  # fmt: skip
+    assert "Largest drift: QLoRA (0.0200)." in obs
+    assert any(o.startswith("Drift before any training") and "QLoRA" in o for o in obs)
+    table = format_table(results)
+    # √(0.8·0.2/100) = 0.04 → "80.0 ± 4.0 %"
+    assert "| LoRA | 80.0 ± 4.0 % |" in table
+    assert "| Majority class (no training) | 50.0 % |" in table

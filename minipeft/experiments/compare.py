@@ -84,6 +84,7 @@ __all__ = [
     "Prepared",
     "embedding_drift",
     "format_table",
+    "observations",
     "plot_curves",
     "prepare",
     "run_comparison",
@@ -559,16 +560,74 @@ def run_comparison(
 
 
 # ---------------------------------------------------------------------------- reporting
+def _se(p: float, n: int) -> float:
+    """Binomial standard error of an accuracy p measured on n examples: √(p(1 − p)/n)."""
+    return math.sqrt(max(p * (1.0 - p), 0.0) / n)
+
+
+def observations(results: Mapping[str, Any]) -> list[str]:
+    """Plain statements read off the numbers (no judgement beyond the standard errors)."""
+    runs = results["runs"]
+    n = results["config"]["test_examples"]
+    out = []
+    best = max(runs, key=lambda r: r["test_acc"])
+    out.append(f"Highest test accuracy: {best['label']} ({100 * best['test_acc']:.1f} %).")
+    probe = next((r for r in runs if r["method"] == "linear_probe"), None)
+    if probe is not None:
+        p = probe["test_acc"]
+        for r in runs:
+            if r is probe:
+                continue
+            d = r["test_acc"] - p
+            # standard error of a difference of two accuracies on the same n examples,
+            # treated as independent (conservative for paired predictions)
+            se = math.sqrt(_se(p, n) ** 2 + _se(r["test_acc"], n) ** 2)
+            if abs(d) > 2 * se:
+                word = "above" if d > 0 else "BELOW"
+                out.append(
+                    f"{r['label']}: {100 * abs(d):.1f} points {word} the linear probe "
+                    f"(more than 2 standard errors, {100 * 2 * se:.1f})."
+                )
+            else:
+                out.append(
+                    f"{r['label']}: within 2 standard errors of the linear probe "
+                    f"({100 * d:+.1f} points)."
+                )
+    edge = [
+        f"{r['label']} ({'highest' if r['lr'] == r['sweep'][-1]['lr'] else 'lowest'})"
+        for r in runs
+        if r["lr"] in (r["sweep"][0]["lr"], r["sweep"][-1]["lr"])
+    ]
+    if edge:
+        out.append(
+            "Chosen rate at the edge of its grid (the best rate may lie outside it; the "
+            "tuning is light): " + ", ".join(edge) + "."
+        )
+    most = max(runs, key=lambda r: r["drift"])
+    out.append(f"Largest drift: {most['label']} ({most['drift']:.4f}).")
+    moved = [r["label"] for r in runs if r["drift_init"] > 1e-4]
+    if moved:
+        out.append(
+            "Drift before any training (the method changes the function at initialization): "
+            + ", ".join(moved)
+            + "."
+        )
+    return out
+
+
 def format_table(results: Mapping[str, Any]) -> str:
     """The headline table as Markdown (one row per method)."""
     rows = [
-        "| Method | Test acc. | Val. acc. | Trainable params | lr | Peak MiB | Weights MiB "
+        "| Method | Test acc. ± SE | Val. acc. | Trainable params | lr | Peak MiB | Weights MiB "
         "| s/step | Drift at init | Drift |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    n_test = results["config"]["test_examples"]
     for r in results["runs"]:
         rows.append(
-            f"| {r['label']} | {100 * r['test_acc']:.1f} % | {100 * r['val_acc']:.1f} % "
+            f"| {r['label']} "
+            f"| {100 * r['test_acc']:.1f} ± {100 * _se(r['test_acc'], n_test):.1f} % "
+            f"| {100 * r['val_acc']:.1f} % "
             f"| {r['trainable_params']:,} | {r['lr']:.2g} | {r['peak_bytes'] / 2**20:.1f} "
             f"| {r['weights_bytes'] / 2**20:.1f} | {r['median_step_s']:.3f} "
             f"| {max(r['drift_init'], 0.0):.4f} | {max(r['drift'], 0.0):.4f} |"
@@ -582,11 +641,15 @@ def format_table(results: Mapping[str, Any]) -> str:
 
 def _markdown(results: Mapping[str, Any]) -> str:
     c = results["config"]
+    is_full = all(c.get(k) == FULL[k] for k in ("steps", "sweep_steps", "methods"))
+    mode = "--full " if is_full and c["test_examples"] == 992 else "(custom settings) "
     lines = [
         "# Fine-tuning methods on all-MiniLM-L6-v2: VADER lexicon polarity",
         "",
-        f"Produced by `python -m minipeft.experiments.compare --full --out results/` "
-        f"({results['wall_s'] / 60:.1f} min wall, 1 BLAS thread, seed {c['seed']}). "
+        f"Produced by `python -m minipeft.experiments.compare {mode}--out results/` "
+        f"({results['wall_s'] / 60:.1f} min wall, 1 BLAS thread, seed {c['seed']}; timings "
+        "taken on a shared 2-core machine busy with other jobs — compare them only within "
+        "this table). "
         f"{c['steps']} steps of batch {c['batch_size']} on {c['train_examples']:,} training "
         f"examples; learning rate chosen per method on the validation split "
         f"({c['validation_examples']}) among {c['lr_grid']} after {c['sweep_steps']} steps, "
@@ -599,6 +662,16 @@ def _markdown(results: Mapping[str, Any]) -> str:
         "sweep are in `real_model_comparison.json`; see `minipeft/experiments/compare.py`.",
         "",
         format_table(results),
+        "",
+        "One seed; the ± is the binomial standard error √(p(1 − p)/n) of a test accuracy, "
+        "so two methods whose accuracies differ by less than about 2·√2 SE are not "
+        "distinguished by this run.",
+        "",
+        "## Observations (computed from the numbers above)",
+        "",
+        *[f"- {o}" for o in observations(results)],
+        "",
+        "## Setups and learning-rate sweeps",
         "",
         "| Method | Setup | Sweep (lr → val. acc.) |",
         "|---|---|---|",
@@ -672,7 +745,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="directory for the results files")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--render", metavar="JSON", help="only re-render .md/.png from a results JSON file"
+    )
     a = p.parse_args(argv)
+    if a.render:
+        results = json.loads(Path(a.render).read_text(encoding="utf-8"))
+        for f in write_results(results, a.out):
+            print(f)
+        return 0
     cfg = dict(FULL if a.full else REDUCED)
     for key in ("methods", "steps", "sweep_steps", "eval_every", "subset", "eval_subset"):
         if getattr(a, key) is not None:
