@@ -233,6 +233,53 @@ def test_ops_layer_norm_any_layout_matches_the_reference(case):
         _close(a, ref, 64, eps)
 
 
+# ---------------------------------------------------------------------------- scatter-add
+@given(
+    st.integers(1, 6),
+    st.integers(0, 40),
+    st.integers(1, 5),
+    st.sampled_from([np.float32, np.float64]),
+    st.integers(0, 2**31),
+)
+def test_scatter_add_rows_equals_np_add_at_bit_for_bit(v, n, d, dtype, seed):
+    """Repeated ids accumulate in the order given, exactly as np.add.at adds them."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, v, n)
+    g = (rng.standard_normal((n, d)) * 10.0 ** rng.integers(-3, 4, (n, 1))).astype(dtype)
+    start = rng.standard_normal((v, d)).astype(dtype)
+    ref = start.copy()
+    np.add.at(ref, ids, g)
+    out = start.copy()
+    ew.scatter_add_rows(out, ids, g)
+    assert out.tobytes() == ref.tobytes()
+
+
+@pytest.mark.parametrize(
+    ("ids", "g", "exc", "name"),
+    [
+        (np.array([0, 3]), np.ones((2, 2)), ValueError, "ids"),
+        (np.array([-1, 0]), np.ones((2, 2)), ValueError, "ids"),
+        (np.array([0.0, 1.0]), np.ones((2, 2)), TypeError, "ids"),
+        (np.array([0, 1]), np.ones((2, 3)), ValueError, "g"),
+        (np.array([0, 1]), np.ones((2, 2), dtype=np.float32), ValueError, "g"),
+    ],
+)
+def test_scatter_add_rows_rejects_bad_input(ids, g, exc, name):
+    with pytest.raises(exc, match=name):
+        ew.scatter_add_rows(np.zeros((3, 2)), ids, g)
+
+
+def test_ops_embedding_gradient_is_the_scatter_add():
+    rng = np.random.default_rng(0)
+    w = Tensor(rng.standard_normal((7, 4)).astype(np.float32), requires_grad=True)
+    ids = rng.integers(0, 7, (3, 5))
+    g = rng.standard_normal((3, 5, 4)).astype(np.float32)
+    ops.embedding(w, ids).backward(g)
+    ref = np.zeros((7, 4), dtype=np.float32)
+    np.add.at(ref, ids.reshape(-1), g.reshape(-1, 4))
+    assert w.grad.tobytes() == ref.tobytes()
+
+
 def test_kernels_run_as_python_under_disabled_jit():
     """NUMBA_DISABLE_JIT=1: the same loops, as Python over NumPy scalars, give the same
     bits as the compiled kernels (float64: the reference's bits)."""
@@ -253,6 +300,11 @@ def test_kernels_run_as_python_under_disabled_jit():
         out = ew.layer_norm_fused(x, w, b, 1e-5)
         out += ew.layer_norm_backward_fused(g, out[1], out[2], w, (True, True, True))
         print(*(a.tobytes().hex() for a in out))
+        ids = np.array([2, 0, 2, 1, 2])
+        acc, ref = np.zeros((3, 9)), np.zeros((3, 9))
+        ew.scatter_add_rows(acc, ids, g[[0, 1, 2, 3, 0]])
+        np.add.at(ref, ids, g[[0, 1, 2, 3, 0]])
+        assert acc.tobytes() == ref.tobytes()
         """
     )
     env = {**os.environ, "NUMBA_DISABLE_JIT": "1"}

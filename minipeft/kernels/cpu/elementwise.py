@@ -53,7 +53,7 @@ from ...backend import Array
 __all__ = [
     "GELU_C", "GELU_CHUNK", "GELU_CLIP", "GELU_K", "JIT", "gelu_fused", "gelu_reference",
     "layer_norm_backward_fused", "layer_norm_backward_reference", "layer_norm_fused",
-    "layer_norm_reference",
+    "layer_norm_reference", "scatter_add_rows", "scatter_add_rows_reference",
 ]  # fmt: skip
 
 #: whether Numba compiles (False under ``NUMBA_DISABLE_JIT=1``: the loops would run as Python)
@@ -322,3 +322,36 @@ def layer_norm_backward_fused(
         gw.astype(g.dtype) if needs[1] else None,
         gb.astype(g.dtype) if needs[2] else None,
     )
+
+
+# ---------------------------------------------------------------------------- scatter-add
+def scatter_add_rows_reference(out: Array, ids: Array, g: Array) -> None:
+    """out[ids[i]] += g[i] for every i, repeated ids accumulating (``np.add.at``): the
+    embedding's VJP W̄[ids] += ḡ (derivations/autograd.md, ops.embedding)."""
+    backend.scatter_add(out, ids, g)
+
+
+@njit(cache=True, error_model="numpy")
+def _scatter_add_rows_kernel(out: Array, ids: Array, g: Array) -> None:  # pragma: no cover
+    for i in range(ids.shape[0]):
+        r = ids[i]
+        for j in range(g.shape[1]):
+            out[r, j] += g[i, j]
+
+
+def scatter_add_rows(out: np.ndarray, ids: np.ndarray, g: np.ndarray) -> None:
+    """``scatter_add_rows_reference`` as a Numba loop: rows in the order of ``ids``, so the
+    sums are ``np.add.at``'s bit for bit (same additions in the same order), ~50× faster.
+    out (V, D) C-contiguous, ids (N,) integers in [0, V), g (N, D) of out's dtype."""
+    if out.ndim != 2 or not out.flags.c_contiguous:
+        raise ValueError(f"out: expected a C-contiguous (V, D) array, got shape {out.shape}")
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise TypeError(f"ids: expected 1-D integers, got shape {ids.shape} dtype {ids.dtype}")
+    if g.shape != (ids.shape[0], out.shape[1]) or g.dtype != out.dtype:
+        raise ValueError(
+            f"g: expected shape {(ids.shape[0], out.shape[1])} and dtype {out.dtype}, "
+            f"got {g.shape} and {g.dtype}"
+        )
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= out.shape[0]):
+        raise ValueError(f"ids: values must lie in [0, {out.shape[0]})")
+    _scatter_add_rows_kernel(out, ids, np.ascontiguousarray(g))
