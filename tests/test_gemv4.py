@@ -93,8 +93,8 @@ def test_gemv_batch_rows_and_layouts():
 @pytest.mark.skipif(gemv4.simd_width() == 0, reason="no AVX2/AVX-512 permute kernel on this CPU")
 def test_simd_and_portable_kernels_agree():
     rng = np.random.default_rng(2)
-    w = rng.standard_normal((16, 192)).astype(np.float32)
-    x = rng.standard_normal(192).astype(np.float32)
+    w = rng.standard_normal((16, 256)).astype(np.float32)
+    x = rng.standard_normal(256).astype(np.float32)
     for dq in (False, True):
         packed, state = quantize_4bit(w, 64, "nf4", dq)
         parts = gemv4._dq_parts(state)
@@ -102,11 +102,26 @@ def test_simd_and_portable_kernels_agree():
         ys = []
         for fn in (gemv4._gemv_simd, gemv4._gemv_portable):
             y = np.empty(16, np.float32)
-            fn(gemv4._ro(packed, np.uint8), *parts, code, 64, 16, 192, gemv4._ro(x, np.float32), y)
+            fn(gemv4._ro(packed, np.uint8), *parts, code, 64, 16, 256, gemv4._ro(x, np.float32), y)
             ys.append(y)
         w64 = _decode64(packed, state)
         for y in ys:
             _assert_within_bound(y, w64, x)
+
+
+@pytest.mark.skipif(gemv4.simd_width() < 16, reason="the AVX2 kernel is run here on AVX-512 CPUs")
+def test_avx2_kernel_on_an_avx512_cpu():
+    """The 8-lane (AVX2: two permutes and a select on bit 3) GEMV, built for this test."""
+    fn = gemv4.make_gemv_simd(8)
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((12, 256)).astype(np.float32)
+    x = rng.standard_normal(256).astype(np.float32)
+    for bs, dq in ((32, False), (64, True), (256, False)):
+        packed, state = quantize_4bit(w, bs, "fp4", dq)
+        y = np.empty(12, np.float32)
+        fn(gemv4._ro(packed, np.uint8), *gemv4._dq_parts(state), gemv4._ro(state.code, np.float32),
+           bs, 12, 256, gemv4._ro(x, np.float32), y)  # fmt: skip
+        _assert_within_bound(y, _decode64(packed, state), x)
 
 
 @settings(max_examples=25)

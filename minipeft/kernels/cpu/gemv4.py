@@ -7,20 +7,22 @@ nibble when odd, its scale the block constant c_{f//B}:
     ŵ_ri = code[q_f] · c_{f//B}                     (dequantization, never stored)
     y_r  = Σ_i ŵ_ri · x_i                           (float32 accumulation)
 
-When ``in`` is a multiple of the block size B (every bitsandbytes-style Linear with
-in ∈ {768, 1024, 4096, …}) blocks never straddle rows, and the kernel computes
-y_r = Σ_b Σ_{i∈b} (code[q_i]·c_b)·x_i with the 16-entry table code·c_b built once per
-block: per weight one table lookup and one fused multiply-add, reading 4.5 bits instead of
-32. On x86 with AVX2 the lookup is a register permute (``vpermps``: 16 levels = two 8-lane
-tables and a select on bit 3; AVX-512: one 16-lane ``vpermps``), emitted through a Numba
-intrinsic, 16 or 32 weights per instruction group, four independent accumulators. Elsewhere
-(other CPUs, ``NUMBA_DISABLE_JIT=1``, a row that straddles blocks) a portable Numba loop
+When ``in`` is a multiple of the block size B and of 8·lanes (every Linear with
+in ∈ {768, 1024, 4096, …}), rows hold whole blocks and the SIMD kernel reads the codes as
+32-bit words, lane k holding weights 8k…8k+7 of a group of 8·lanes weights: for each of
+the 8 nibble positions a shift brings it to the low bits and a register permute
+(``vpermps``, which reads only the index's low bits: one on AVX-512, two and a select on
+bit 3 on AVX2) looks up code[q] for all lanes at once; an FMA multiplies by x, regrouped
+once per call so that nibble position e of lane k meets x_{8k+e}. The block scales are
+applied once per group (a permute spreads the row's c_b over the lanes), four independent
+accumulators hide the FMA latency. Emitted as a Numba intrinsic (``simd.make_gemv_group``).
+Elsewhere (other CPUs, ``NUMBA_DISABLE_JIT=1``, other shapes) a portable Numba loop
 computes the same sum.
 
-Double quantization: the block scale is reconstructed on the fly inside the loop,
+Double quantization: the block scales are reconstructed on the fly, one row at a time,
 c_b = fl32(fl32(code₂[q_b]·absmax₂[b//256]) + μ), the same float32 operations as
-``double_dequantize`` — so the scales are bit-identical and nothing of size n_blocks is
-allocated per call.
+``double_dequantize`` (no ``contract`` flag, so no FMA) — so the scales are bit-identical
+and nothing of size n_blocks is allocated per call.
 
 Accuracy: float32 products and sums in a different order from a float64 reference;
 |y_r − Σ_i ŵ_ri x_i| ≤ γ_{in+2}·Σ_i |ŵ_ri x_i| with γ_k = k·u/(1 − k·u), u = 2⁻²⁴
@@ -29,12 +31,13 @@ Accuracy: float32 products and sums in a different order from a float64 referenc
 
 from __future__ import annotations
 
+import types as types_mod
 from typing import Any
 
 import numpy as np
 from numba import njit
 
-from .simd import make_gemv_chunk, simd_width
+from .simd import make_gemv_group, simd_width
 
 __all__ = ["gemv_4bit", "gemv_4bit_reference", "simd_width"]
 
@@ -63,7 +66,7 @@ def gemv_4bit_reference(
 
 
 # ----------------------------------------------------------------------- Numba kernels
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _row_scales(  # pragma: no cover - compiled
     b0: int,
     nb: int,
@@ -78,9 +81,12 @@ def _row_scales(  # pragma: no cover - compiled
 ) -> None:
     """out[j] = c_{b0+j}; double-quantized: fl32(fl32(code₂[q]·absmax₂[b//256]) + μ)."""
     if nested:
+        b2, rem = b0 // dq_bs, b0 % dq_bs  # second-level block of b, counted up (no division)
         for j in range(nb):
-            b = b0 + j
-            out[j] = code2[np.int64(qabs[b])] * absmax2[b // dq_bs] + offset  # ĉ = code₂[q]·a₂ + μ
+            out[j] = code2[np.int64(qabs[b0 + j])] * absmax2[b2] + offset  # ĉ = code₂[q]·a₂ + μ
+            rem += 1
+            if rem == dq_bs:
+                b2, rem = b2 + 1, 0
     else:
         for j in range(nb):
             out[j] = absmax[b0 + j]
@@ -126,11 +132,11 @@ def _gemv_portable(  # pragma: no cover - compiled
 
 
 _WIDTH = simd_width()
-_chunk = make_gemv_chunk(_WIDTH if _WIDTH else 8)  # only compiled when _WIDTH > 0
+_LANES = _WIDTH if _WIDTH else 8  # lanes of the module's SIMD kernel (compiled only if used)
+_group = make_gemv_group(_LANES)
 
 
-@njit(cache=True, fastmath=_FAST)
-def _gemv_simd(  # pragma: no cover - compiled
+def _gemv_simd_py(  # pragma: no cover - compiled
     packed: np.ndarray,
     absmax: np.ndarray,
     nested: bool,
@@ -146,34 +152,47 @@ def _gemv_simd(  # pragma: no cover - compiled
     x: np.ndarray,
     y: np.ndarray,
 ) -> None:
-    """in % B == 0: rows hold whole blocks; _WIDTH bytes (2·_WIDTH weights) per step."""
-    width = _WIDTH
-    half = in_f // 2
-    xe = np.empty(half, np.float32)  # x_{2j}: partners of the high nibbles
-    xo = np.empty(half, np.float32)  # x_{2j+1}: partners of the low nibbles
-    for j in range(half):
-        xe[j] = x[2 * j]
-        xo[j] = x[2 * j + 1]
+    """Rows of whole groups (in % 8·lanes == 0) and whole blocks (in % B == 0)."""
+    width = _LANES
+    gw = 8 * width  # weights per group (one word of 8 nibbles per lane)
+    ng = in_f // gw
+    xp = np.empty((8, ng * width), np.float32)  # xp[e, g·w + k] = x[g·gw + 8k + e]
+    for g in range(ng):
+        for k in range(width):
+            for e in range(8):
+                xp[e, g * width + k] = x[g * gw + 8 * k + e]
     bpr = in_f // blocksize  # blocks per row
-    bb = blocksize // 2  # bytes per block (a multiple of width: B ≥ 32)
+    sc = np.zeros(bpr + width, np.float32)  # this row's c_b (padded for a vector load)
+    sidx = np.empty(width, np.int32)  # lane k's block within its group
+    for k in range(width):
+        sidx[k] = (8 * k) // blocksize
+    bshift = 0  # B = 2^bshift
+    while (1 << bshift) < blocksize:
+        bshift += 1
     acc = np.zeros(4 * width, np.float32)  # four independent accumulators
-    sc = np.empty(bpr, np.float32)  # this row's block scales c_b
+    half = in_f // 2
     for r in range(out_f):
         _row_scales(r * bpr, bpr, absmax, nested, qabs, absmax2, code2, offset, dq_bs, sc)
         for t in range(4 * width):
             acc[t] = 0.0
-        k = 0
-        for jb in range(bpr):
-            c = sc[jb]
-            p0 = (r * bpr + jb) * bb
-            for j in range(0, bb, width):
-                # acc += (code·c_b)[q_hi]·x_even + (code·c_b)[q_lo]·x_odd
-                _chunk(acc, (k & 3) * width, packed, p0 + j, xe, xo, jb * bb + j, code, c)
-                k += 1
+        for g in range(ng):
+            sb = (g * gw) >> bshift  # first block of the group: g·gw // B
+            # acc += c_lane · Σ_e code[q_e]·x_e over the group's 8·width weights
+            _group(acc, (g & 3) * width, packed, r * half + g * (gw // 2), xp, g * width, code,
+                   sc, sb, sidx)  # fmt: skip
         y[r] = acc.sum()  # y_r = Σ over the four accumulators' lanes
 
 
-# ----------------------------------------------------------------------- public entry
+_gemv_simd = njit(cache=True, fastmath=_FAST)(_gemv_simd_py)
+
+
+def make_gemv_simd(width: int) -> Any:
+    """The same kernel for another lane count (tests run the AVX2 one on AVX-512 CPUs)."""
+    glb = {**globals(), "_LANES": width, "_group": make_gemv_group(width)}
+    fn = types_mod.FunctionType(_gemv_simd_py.__code__, glb, "_gemv_simd_" + str(width))
+    return njit(cache=False, fastmath=_FAST)(fn)
+
+
 def _ro(a: np.ndarray, dtype: Any) -> np.ndarray:
     """A read-only contiguous view: one compiled signature whatever the caller's flags."""
     v = np.ascontiguousarray(a, dtype=dtype).view()
@@ -247,7 +266,7 @@ def gemv_4bit(packed: Any, state: Any, x: Any, *, kernel: str = "numba") -> Any:
         ).T  # (B, out)
         return y.reshape(out_f) if x.ndim == 1 else y
     parts = _dq_parts(state)
-    use_simd = _WIDTH > 0 and in_f % state.blocksize == 0
+    use_simd = _WIDTH > 0 and in_f % state.blocksize == 0 and in_f % (8 * _WIDTH) == 0
     fn = _gemv_simd if use_simd else _gemv_portable
     y = np.empty((xs.shape[0], out_f), dtype=np.float32)
     for row in range(xs.shape[0]):

@@ -21,7 +21,7 @@ from typing import Any
 from numba import config, types
 from numba.extending import intrinsic
 
-__all__ = ["make_dequant_chunk", "make_gemv_chunk", "simd_width"]
+__all__ = ["NIBBLE_SHIFT", "make_dequant_chunk", "make_gemv_group", "simd_width"]
 
 
 @functools.cache
@@ -94,54 +94,118 @@ def _decode(
     return lut(hi), lut(lo), ptr
 
 
-def make_gemv_chunk(width: int) -> Any:
-    """An intrinsic adding t[q]·x for ``width`` packed bytes to ``acc`` (GEMV step).
+# nibble of element e (0..7) inside a little-endian 32-bit word of 4 packed bytes: byte e//2,
+# high nibble first → bit offset 8·(e//2) + 4·(1 − e%2)
+NIBBLE_SHIFT = (4, 0, 12, 8, 20, 16, 28, 24)
 
-    chunk(acc, slot, packed, p_off, xe, xo, x_off, code, scale):
-        t      = code · scale                              (16 levels, float32)
-        q_hi_j = packed[p_off + j] >> 4, q_lo_j = … & 15   (j < width)
-        acc[slot : slot+width] += t[q_hi]·xe[x_off:…] + t[q_lo]·xo[x_off:…]   (two FMAs)
-    xe, xo: the even and odd items of x (the high and low nibbles' partners).
+
+def make_gemv_group(width: int) -> Any:
+    """An intrinsic for one GEMV step over 4·width packed bytes = 8·width weights.
+
+    group(acc, slot, packed, p_off, xp, x_off, code, sc, s_off, sidx):
+        w_k   = 32-bit word k of packed[p_off : p_off + 4·width]   (lane k: weights 8k…8k+7)
+        part  = Σ_{e<8} code[(w >> shift_e) & 15] · xp[e, x_off : x_off + width]
+        acc[slot : slot+width] += sc[s_off + sidx] · part           (lane k's block scale)
+    xp[e, g·width + k] = x[g·8·width + 8k + e]: x regrouped once per call so that each of
+    the 8 nibble positions of a word meets its x in the same lane. The 16-entry lookup
+    ignores the bits above the nibble (AVX-512: ``vpermps`` reads bits 0–3; AVX2: bits 0–2
+    and a select on bit 3), so a shift is all a nibble costs; 8 permutes and 8 FMAs per
+    8·width weights, the block scales applied once per group by a permute of the row's
+    scales.
     """
     from llvmlite import ir
     from numba.core import cgutils
 
-    vf = ir.VectorType(ir.FloatType(), width)
+    f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+    vf, vi = ir.VectorType(f32, width), ir.VectorType(i32, width)
+    v8f, v8i = ir.VectorType(f32, 8), ir.VectorType(i32, 8)
 
     @intrinsic
-    def chunk(
+    def group(
         typingctx: Any,
         acc: Any,
         slot: Any,
         packed: Any,
         p_off: Any,
-        xe: Any,
-        xo: Any,
+        xp: Any,
         x_off: Any,
         code: Any,
-        scale: Any,
+        sc: Any,
+        s_off: Any,
+        sidx: Any,
     ) -> Any:
-        sig = types.void(acc, types.intp, packed, types.intp, xe, xo, types.intp, code, scale)
+        sig = types.void(
+            acc, types.intp, packed, types.intp, xp, types.intp, code, sc, types.intp, sidx
+        )
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            acc_a, slot_v, pk_a, pk_off, xe_a, xo_a, x_off_v, code_a, scale_v = args
+            acc_a, slot_v, pk_a, pk_off, xp_a, x_off_v, code_a, sc_a, s_off_v, sidx_a = args
             tys = signature.args
-            th, tl, ptr = _decode(
-                context, builder, tys, width, (2, pk_a, pk_off), (7, code_a), scale_v
-            )
+
+            def ptr(k: int, ary: Any, off: Any, vty: Any) -> Any:
+                data = context.make_array(tys[k])(context, builder, ary).data
+                return builder.bitcast(builder.gep(data, [off]), vty.as_pointer())
+
+            zero = i64(0)
+            mod = builder.module
             fma = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(vf, [vf, vf, vf]), f"llvm.fma.v{width}f32"
+                mod, ir.FunctionType(vf, [vf, vf, vf]), f"llvm.fma.v{width}f32"
             )
+            if width == 16:
+                perm16 = cgutils.get_or_insert_function(
+                    mod, ir.FunctionType(vf, [vf, vi]), "llvm.x86.avx512.permvar.sf.512"
+                )
+                table = builder.load(ptr(6, code_a, zero, vf), align=4)
+
+                def lut(tab: Any, idx: Any) -> Any:  # tab[idx & 15]
+                    return builder.call(perm16, [tab, idx])
+
+                def lut_small(tab: Any, idx: Any) -> Any:
+                    return builder.call(perm16, [tab, idx])
+            else:
+                perm8 = cgutils.get_or_insert_function(
+                    mod, ir.FunctionType(v8f, [v8f, v8i]), "llvm.x86.avx2.permps"
+                )
+                t_lo = builder.load(ptr(6, code_a, zero, v8f), align=4)
+                t_hi = builder.load(ptr(6, code_a, i64(8), v8f), align=4)
+                table = (t_lo, t_hi)
+                eight, nil = ir.Constant(vi, [8] * width), ir.Constant(vi, [0] * width)
+
+                def lut(tab: Any, idx: Any) -> Any:  # idx & 8 ? t_hi[idx & 7] : t_lo[idx & 7]
+                    a = builder.call(perm8, [tab[0], idx])
+                    b = builder.call(perm8, [tab[1], idx])
+                    bit3 = builder.icmp_unsigned("!=", builder.and_(idx, eight), nil)
+                    return builder.select(bit3, b, a)
+
+                def lut_small(tab: Any, idx: Any) -> Any:  # idx < 8
+                    return builder.call(perm8, [tab, idx])
+
+            words = builder.load(ptr(2, pk_a, pk_off, vi), align=1)
+            xpa = context.make_array(tys[4])(context, builder, xp_a)
+            stride = cgutils.unpack_tuple(builder, xpa.strides, 2)[0]  # bytes per row of xp
+            xbase = builder.bitcast(xpa.data, ir.IntType(8).as_pointer())
+            x_byte = builder.mul(x_off_v, i64(4))
+            parts = [ir.Constant(vf, [0.0] * width), ir.Constant(vf, [0.0] * width)]
+            for e, sh in enumerate(NIBBLE_SHIFT):
+                idx = builder.lshr(words, ir.Constant(vi, [sh] * width)) if sh else words
+                off = builder.add(builder.mul(stride, i64(e)), x_byte)
+                xv = builder.load(
+                    builder.bitcast(builder.gep(xbase, [off]), vf.as_pointer()), align=4
+                )
+                parts[e & 1] = builder.call(fma, [lut(table, idx), xv, parts[e & 1]])
+            part = builder.fadd(parts[0], parts[1])
+            scv = builder.load(ptr(7, sc_a, s_off_v, vf), align=4)
+            sid = builder.load(ptr(9, sidx_a, zero, vi), align=4)
+            lane_scale = lut_small(scv, sid)  # c_b of each lane's block
             pacc = ptr(0, acc_a, slot_v, vf)
-            a = builder.load(pacc, align=4)
-            a = builder.call(fma, [th, builder.load(ptr(4, xe_a, x_off_v, vf), align=4), a])
-            a = builder.call(fma, [tl, builder.load(ptr(5, xo_a, x_off_v, vf), align=4), a])
-            builder.store(a, pacc, align=4)
+            builder.store(
+                builder.call(fma, [lane_scale, part, builder.load(pacc, align=4)]), pacc, align=4
+            )
             return context.get_dummy_value()
 
         return sig, codegen
 
-    return chunk
+    return group
 
 
 def make_dequant_chunk(width: int) -> Any:
