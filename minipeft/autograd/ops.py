@@ -597,12 +597,12 @@ class Concat(Function):
 
 
 class Split(Function):
-    """y₁, …, yₙ = consecutive pieces of x along an axis (views).   (concat's inverse)
+    """y₁, …, yₙ = consecutive pieces of x along an axis (views).   [ops.split]
 
-    x̄ = [ḡ₁, …, ḡₙ] concatenated along the axis (derivations/autograd.md, ops.concat: the
-    pieces partition x, so each element of x̄ is exactly one ḡᵢ entry), zeros for a piece
-    that no gradient reached. One Function with n outputs, so x̄ is built once — n getitem
-    ops would each allocate a zero-filled x-sized array and the engine would add them.
+    x̄ = [ḡ₁, …, ḡₙ] concatenated along the axis (derivations/kernels.md: the pieces
+    partition x, so each element of x̄ is exactly one ḡᵢ entry; concat's transpose), zeros
+    for a piece that no gradient reached. One Function with n outputs, so x̄ is built once:
+    n getitem ops would each allocate a zero-filled x-sized array, and the engine add them.
     """
 
     def forward(self, x: Array, sizes: Any, axis: Any) -> tuple[Array, ...]:

@@ -1,5 +1,5 @@
 """Numba kernels for the elementwise hot spots of a training step, each beside its NumPy
-reference (derivations/autograd.md, ``ops.gelu``).
+reference (derivations/kernels.md; the equations themselves: derivations/autograd.md).
 
 GELU, tanh form (GPT-2's ``gelu_new``), with c = √(2/π), k = 0.044715:
 
@@ -139,7 +139,7 @@ GELU_CHUNK = 32768
 
 def gelu_fused(x: np.ndarray, need_grad: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """(y, y') of the tanh-form GELU, fused (Numba); equals ``gelu_reference`` within
-    a few ulp of x's dtype (float32 or float64 NumPy arrays).
+    a few ulp of x's dtype (float32 or float64 NumPy arrays).   [kernels.gelu_fused]
 
     Per chunk of ``GELU_CHUNK`` elements, three sweeps: the exponent −|2u| (Numba), its
     exponential (NumPy's vectorized ``exp``, the reference's own: a scalar ``exp`` in a Numba
@@ -287,7 +287,9 @@ def layer_norm_fused(
     x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``layer_norm_reference`` in one Numba pass per row, in float64 (rounded once to x's
-    dtype): (y, x̂ in x's dtype, r float64 of shape (..., 1))."""
+    dtype): (y, x̂ in x's dtype, r float64 of shape (..., 1)).   [kernels.layer_norm_fused]
+
+    Backward: ``layer_norm_backward_fused``."""
     d = x.shape[-1]
     x2 = np.ascontiguousarray(x).reshape(-1, d)  # (N, D)
     y = np.empty_like(x2)
@@ -340,9 +342,10 @@ def _scatter_add_rows_kernel(out: Array, ids: Array, g: Array) -> None:  # pragm
 
 
 def scatter_add_rows(out: np.ndarray, ids: np.ndarray, g: np.ndarray) -> None:
-    """``scatter_add_rows_reference`` as a Numba loop: rows in the order of ``ids``, so the
-    sums are ``np.add.at``'s bit for bit (same additions in the same order), ~50× faster.
-    out (V, D) C-contiguous, ids (N,) integers in [0, V), g (N, D) of out's dtype."""
+    """``scatter_add_rows_reference`` as a Numba loop, rows in the order of ``ids``: the
+    same additions in the same order, so ``np.add.at``'s sums bit for bit, ~50× faster.
+    out (V, D) C-contiguous, ids (N,) integers in [0, V), g (N, D) of out's dtype.
+    [kernels.scatter_add_rows]"""
     if out.ndim != 2 or not out.flags.c_contiguous:
         raise ValueError(f"out: expected a C-contiguous (V, D) array, got shape {out.shape}")
     if ids.ndim != 1 or ids.dtype.kind not in "iu":
