@@ -58,6 +58,8 @@ CASES = [
     (17, 128, 32, "fp4", False),
     (8, 512, 128, "int4", True),
     (40, 256, 256, "nf4", True),
+    (6, 640, 64, "nf4", True),  # four-group calls and a single-group tail
+    (5, 1024, 1024, "fp4", False),
     # rows straddling blocks → portable path
     (7, 50, 64, "nf4", False),
     (5, 33, 32, "fp4", True),

@@ -134,6 +134,7 @@ def _gemv_portable(  # pragma: no cover - compiled
 _WIDTH = simd_width()
 _LANES = _WIDTH if _WIDTH else 8  # lanes of the module's SIMD kernel (compiled only if used)
 _group = make_gemv_group(_LANES)
+_group4 = make_gemv_group(_LANES, 4)  # four groups per call: more independent work in flight
 
 
 def _gemv_simd_py(  # pragma: no cover - compiled
@@ -175,11 +176,14 @@ def _gemv_simd_py(  # pragma: no cover - compiled
         _row_scales(r * bpr, bpr, absmax, nested, qabs, absmax2, code2, offset, dq_bs, sc)
         for t in range(4 * width):
             acc[t] = 0.0
-        for g in range(ng):
-            sb = (g * gw) >> bshift  # first block of the group: g·gw // B
-            # acc += c_lane · Σ_e code[q_e]·x_e over the group's 8·width weights
+        ng4 = ng - ng % 4
+        for g in range(0, ng4, 4):
+            # acc[h] += c_lane · Σ_e code[q_e]·x_e over group g+h's 8·width weights, h < 4
+            _group4(acc, 0, packed, r * half + g * (gw // 2), xp, g * width, code, sc, g,
+                    bshift, sidx)  # fmt: skip
+        for g in range(ng4, ng):
             _group(acc, (g & 3) * width, packed, r * half + g * (gw // 2), xp, g * width, code,
-                   sc, sb, sidx)  # fmt: skip
+                   sc, g, bshift, sidx)  # fmt: skip
         y[r] = acc.sum()  # y_r = Σ over the four accumulators' lanes
 
 
@@ -188,7 +192,12 @@ _gemv_simd = njit(cache=True, fastmath=_FAST)(_gemv_simd_py)
 
 def make_gemv_simd(width: int) -> Any:
     """The same kernel for another lane count (tests run the AVX2 one on AVX-512 CPUs)."""
-    glb = {**globals(), "_LANES": width, "_group": make_gemv_group(width)}
+    glb = {
+        **globals(),
+        "_LANES": width,
+        "_group": make_gemv_group(width),
+        "_group4": make_gemv_group(width, 4),
+    }
     fn = types_mod.FunctionType(_gemv_simd_py.__code__, glb, "_gemv_simd_" + str(width))
     return njit(cache=False, fastmath=_FAST)(fn)
 

@@ -99,13 +99,16 @@ def _decode(
 NIBBLE_SHIFT = (4, 0, 12, 8, 20, 16, 28, 24)
 
 
-def make_gemv_group(width: int) -> Any:
-    """An intrinsic for one GEMV step over 4·width packed bytes = 8·width weights.
+def make_gemv_group(width: int, n_groups: int = 1) -> Any:
+    """An intrinsic for ``n_groups`` GEMV groups of 4·width packed bytes = 8·width weights.
 
-    group(acc, slot, packed, p_off, xp, x_off, code, sc, s_off, sidx):
-        w_k   = 32-bit word k of packed[p_off : p_off + 4·width]   (lane k: weights 8k…8k+7)
+    group(acc, slot, packed, p_off, xp, x_off, code, sc, g0, bshift, sidx), for each group
+    h < n_groups (g = g0 + h, its codes at p_off + 4·width·h, its x at x_off + width·h):
+        w_k   = 32-bit word k of the group's codes               (lane k: weights 8k…8k+7)
         part  = Σ_{e<8} code[(w >> shift_e) & 15] · xp[e, x_off : x_off + width]
-        acc[slot : slot+width] += sc[s_off + sidx] · part           (lane k's block scale)
+        acc[slot + width·h : …+width] += sc[(g·8·width >> bshift) + sidx] · part
+    (sc[… + sidx]: lane k's block scale, B = 2^bshift; n_groups > 1 gives the out-of-order
+    core independent groups per call.)
     xp[e, g·width + k] = x[g·8·width + 8k + e]: x regrouped once per call so that each of
     the 8 nibble positions of a word meets its x in the same lane. The 16-entry lookup
     ignores the bits above the nibble (AVX-512: ``vpermps`` reads bits 0–3; AVX2: bits 0–2
@@ -131,15 +134,17 @@ def make_gemv_group(width: int) -> Any:
         x_off: Any,
         code: Any,
         sc: Any,
-        s_off: Any,
+        g0: Any,
+        bshift: Any,
         sidx: Any,
     ) -> Any:
         sig = types.void(
-            acc, types.intp, packed, types.intp, xp, types.intp, code, sc, types.intp, sidx
-        )
+            acc, types.intp, packed, types.intp, xp, types.intp, code, sc, types.intp,
+            types.intp, sidx,
+        )  # fmt: skip
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            acc_a, slot_v, pk_a, pk_off, xp_a, x_off_v, code_a, sc_a, s_off_v, sidx_a = args
+            acc_a, slot_v, pk_a, pk_off, xp_a, x_off_v, code_a, sc_a, g0_v, bsh_v, sidx_a = args
             tys = signature.args
 
             def ptr(k: int, ary: Any, off: Any, vty: Any) -> Any:
@@ -180,27 +185,29 @@ def make_gemv_group(width: int) -> Any:
                 def lut_small(tab: Any, idx: Any) -> Any:  # idx < 8
                     return builder.call(perm8, [tab, idx])
 
-            words = builder.load(ptr(2, pk_a, pk_off, vi), align=1)
             xpa = context.make_array(tys[4])(context, builder, xp_a)
             stride = cgutils.unpack_tuple(builder, xpa.strides, 2)[0]  # bytes per row of xp
             xbase = builder.bitcast(xpa.data, ir.IntType(8).as_pointer())
-            x_byte = builder.mul(x_off_v, i64(4))
-            parts = [ir.Constant(vf, [0.0] * width), ir.Constant(vf, [0.0] * width)]
-            for e, sh in enumerate(NIBBLE_SHIFT):
-                idx = builder.lshr(words, ir.Constant(vi, [sh] * width)) if sh else words
-                off = builder.add(builder.mul(stride, i64(e)), x_byte)
-                xv = builder.load(
-                    builder.bitcast(builder.gep(xbase, [off]), vf.as_pointer()), align=4
-                )
-                parts[e & 1] = builder.call(fma, [lut(table, idx), xv, parts[e & 1]])
-            part = builder.fadd(parts[0], parts[1])
-            scv = builder.load(ptr(7, sc_a, s_off_v, vf), align=4)
-            sid = builder.load(ptr(9, sidx_a, zero, vi), align=4)
-            lane_scale = lut_small(scv, sid)  # c_b of each lane's block
-            pacc = ptr(0, acc_a, slot_v, vf)
-            builder.store(
-                builder.call(fma, [lane_scale, part, builder.load(pacc, align=4)]), pacc, align=4
-            )
+            sid = builder.load(ptr(10, sidx_a, zero, vi), align=4)
+            for h in range(n_groups):
+                p_h = builder.add(pk_off, i64(4 * width * h))
+                words = builder.load(ptr(2, pk_a, p_h, vi), align=1)
+                x_byte = builder.mul(builder.add(x_off_v, i64(width * h)), i64(4))
+                parts = [ir.Constant(vf, [0.0] * width), ir.Constant(vf, [0.0] * width)]
+                for e, sh in enumerate(NIBBLE_SHIFT):
+                    idx = builder.lshr(words, ir.Constant(vi, [sh] * width)) if sh else words
+                    off = builder.add(builder.mul(stride, i64(e)), x_byte)
+                    xptr = builder.bitcast(builder.gep(xbase, [off]), vf.as_pointer())
+                    xv = builder.load(xptr, align=4)
+                    parts[e & 1] = builder.call(fma, [lut(table, idx), xv, parts[e & 1]])
+                part = builder.fadd(parts[0], parts[1])
+                g_h = builder.add(g0_v, i64(h))
+                s_off = builder.lshr(builder.mul(g_h, i64(8 * width)), bsh_v)  # g·gw // B
+                scv = builder.load(ptr(7, sc_a, s_off, vf), align=4)
+                lane_scale = lut_small(scv, sid)  # c_b of each lane's block
+                pacc = ptr(0, acc_a, builder.add(slot_v, i64(width * h)), vf)
+                acc_v = builder.call(fma, [lane_scale, part, builder.load(pacc, align=4)])
+                builder.store(acc_v, pacc, align=4)
             return context.get_dummy_value()
 
         return sig, codegen
