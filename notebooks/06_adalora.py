@@ -375,7 +375,11 @@ for when, k in (("first", first_budget), ("final", TARGET_R * N_MATRICES)):
     order = [n for n, _ in ada_model.adapter_layers()]
     grid_l = np.array([[per_matrix[order.index(f"encoder.layer.{i}.{kd}")] for kd in kinds]
                        for i in range(6)])  # fmt: skip
-    print(f"{when} allocation, budget {k}: overlap of the kept sets (Jaccard) {jac:.2f}")
+    keep_a = kept_sets(*captured[when], k)[0]
+    n_all = INIT_R * N_MATRICES
+    both_drop = n_all - len(keep_a | keep_l)
+    print(f"{when} allocation, budget {k}: overlap of the kept sets (Jaccard) {jac:.2f}; "
+          f"of the {n_all - k} triplets each rule drops, {both_drop} are the same")  # fmt: skip
     print("  ranks under the lecture's rule (layer × Q K V attn-out FFN-in FFN-out):")
     print(grid_l)
     assert 0.0 <= jac <= 1.0 and grid_l.sum() == k
