@@ -191,8 +191,9 @@ def time_interleaved(steps: dict, warmup: int, repeats: int) -> tuple[dict, dict
     return first, times, cpu
 
 
-def run_memory_side(side: str, directory: str) -> dict:
-    """In a fresh process: peak RSS of building the model + optimizer and 2 steps."""
+def run_memory_side(side: str, directory: str, root: str | None = None) -> dict:
+    """In a fresh process: peak RSS of building the model + optimizer and 2 steps.
+    ``side``: "torch", or a minipeft package name (a baseline's is found under ``root``)."""
     ids = np.random.default_rng(0).integers(0, CONFIG["vocab_size"], size=(BATCH, SEQ))
     # everything each side imports lazily is imported before the baseline is read
     if side == "torch":
@@ -201,13 +202,29 @@ def run_memory_side(side: str, directory: str) -> dict:
 
         _ = (torch.optim.AdamW, transformers.GPT2LMHeadModel)
     else:
-        import minipeft.models
-        import minipeft.optim
+        if root:
+            sys.path.insert(0, root)
+        import numba  # the kernels' compiler, loaded on the first GELU/LayerNorm call
 
-        _ = (minipeft.models.GPT2, minipeft.optim.AdamW)
+        _ = numba.njit
+        for mod in ("models", "optim"):
+            importlib.import_module(f"{side}.{mod}")
+        try:  # load the compiled kernels (LLVM's JIT state) on tiny inputs, as an import
+            ew = importlib.import_module(f"{side}.kernels.cpu.elementwise")
+        except ModuleNotFoundError:  # an older baseline without them
+            ew = None
+        if ew is not None:
+            tiny = np.ones((2, 4), dtype=np.float32)
+            _, xhat, rstd = ew.layer_norm_fused(tiny, tiny[0], tiny[0], 1e-5)
+            ew.layer_norm_backward_fused(tiny, xhat, rstd, tiny[0], (True, True, True))
+            ew.gelu_fused(tiny)
+            ew.scatter_add_rows(np.zeros_like(tiny), np.arange(2), tiny)
     reset = _reset_peak()
     base, peak_before = _status_mb("VmRSS"), _status_mb("VmHWM")
-    step = (torch_stepper if side == "torch" else minipeft_stepper)(directory, ids)
+    if side == "torch":
+        step = torch_stepper(directory, ids)
+    else:
+        step = minipeft_stepper(directory, ids, side)
     step()
     step()
     return {
@@ -227,11 +244,12 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="cProfile one minipeft step")
     ap.add_argument("--baseline-rev", help="also time minipeft as of this git revision")
     ap.add_argument("--profile-top", type=int, default=15, help="after the table: top N (0: none)")
-    ap.add_argument("--memory-side", choices=["minipeft", "torch"], help=argparse.SUPPRESS)
+    ap.add_argument("--memory-side", help=argparse.SUPPRESS)
+    ap.add_argument("--root", help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_side:
-        print(json.dumps(run_memory_side(args.memory_side, args.dir)))
+        print(json.dumps(run_memory_side(args.memory_side, args.dir, args.root)))
         return 0
 
     with tempfile.TemporaryDirectory() as d, tempfile.TemporaryDirectory() as base_root:
@@ -262,8 +280,18 @@ def main() -> int:
         mem = {}
         if args.memory:
             for side in steps:
+                pkg = side.replace("@", "_", 1)  # "minipeft@<sha>" is the package minipeft_<sha>
                 out = subprocess.run(
-                    [sys.executable, __file__, "--memory-side", side, "--dir", d],
+                    [
+                        sys.executable,
+                        __file__,
+                        "--memory-side",
+                        pkg,
+                        "--dir",
+                        d,
+                        "--root",
+                        base_root,
+                    ],
                     check=True,
                     capture_output=True,
                     text=True,
