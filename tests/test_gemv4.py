@@ -264,3 +264,15 @@ def test_simd_and_portable_dequantize_bit_identical(n, bs, qt):
     portable = np.empty(n, np.float32)
     cpu_quant4._dequantize_kernel(packed, state.absmax, state.code, bs, n, portable, 0)
     assert simd.tobytes() == portable.tobytes() == dequantize_4bit(packed, state).tobytes()
+
+
+@pytest.mark.skipif(cpu_quant4._WIDTH < 16, reason="the AVX2 kernel is run here on AVX-512 CPUs")
+def test_avx2_dequantize_kernel_on_an_avx512_cpu():
+    fn = cpu_quant4.make_dequantize_simd(8)
+    for n, bs, qt in ((4096, 32, "nf4"), (1001, 64, "fp4"), (777, 256, "int4")):
+        x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+        x[:bs] = 0.0
+        packed, state = quantize_4bit(x, bs, qt)
+        out = np.empty(n, np.float32)
+        fn(packed, state.absmax, state.code, bs, n, out)
+        assert out.tobytes() == dequantize_4bit(packed, state).tobytes()

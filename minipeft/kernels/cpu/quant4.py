@@ -32,6 +32,9 @@ NumPy float32 scalars and give the same bytes (tested).
 
 from __future__ import annotations
 
+import types as types_mod
+from typing import Any
+
 import numpy as np
 from numba import njit
 
@@ -146,11 +149,11 @@ def _dequantize_kernel(  # pragma: no cover - compiled
 
 
 _WIDTH = simd_width()
-_deq_chunk = make_dequant_chunk(_WIDTH if _WIDTH else 8)  # only compiled when _WIDTH > 0
+_LANES = _WIDTH if _WIDTH else 8  # lanes of the module's SIMD kernel (compiled only if used)
+_deq_chunk = make_dequant_chunk(_LANES)
 
 
-@njit(cache=True, boundscheck=False)
-def _dequantize_simd(  # pragma: no cover - compiled
+def _dequantize_simd_py(  # pragma: no cover - compiled
     packed: np.ndarray,
     absmax: np.ndarray,
     code: np.ndarray,
@@ -160,7 +163,7 @@ def _dequantize_simd(  # pragma: no cover - compiled
 ) -> None:
     """Full blocks by register permutes (_WIDTH bytes → 2·_WIDTH values per step), the
     short last block by the portable loop; the same products t = code·c_b either way."""
-    width = _WIDTH
+    width = _LANES
     n_full = n // blocksize
     bb = blocksize // 2  # bytes per block, a multiple of width (B ≥ 32)
     for b in range(n_full):
@@ -168,6 +171,16 @@ def _dequantize_simd(  # pragma: no cover - compiled
         for j in range(0, bb, width):
             _deq_chunk(out, b * blocksize + 2 * j, packed, b * bb + j, code, c)
     _dequantize_kernel(packed, absmax, code, blocksize, n, out, n_full)
+
+
+_dequantize_simd = njit(cache=True, boundscheck=False)(_dequantize_simd_py)
+
+
+def make_dequantize_simd(width: int) -> Any:
+    """The same kernel for another lane count (tests run the AVX2 one on AVX-512 CPUs)."""
+    glb = {**globals(), "_LANES": width, "_deq_chunk": make_dequant_chunk(width)}
+    fn = types_mod.FunctionType(_dequantize_simd_py.__code__, glb, f"_dequantize_simd_{width}")
+    return njit(cache=False, boundscheck=False)(fn)
 
 
 def quantize_4bit(
