@@ -1,13 +1,15 @@
 """x86 SIMD building blocks for the 4-bit CPU kernels, as Numba intrinsics (LLVM IR).
 
 A 4-bit code indexes a 16-entry table; a register permute (``vpermps``) looks up 8 or 16
-of them in one instruction, which no auto-vectorizer emits for a table lookup. Both
-intrinsics here decode ``width`` packed bytes into the two vectors t[q_hi], t[q_lo] of the
-block's table t = code·c_b (an IEEE float32 product, no fast-math flag: the same value as
-``code[q] * c_b`` element by element):
+of them in one instruction, which no auto-vectorizer emits for a table lookup:
 
-    width 16 (AVX-512F): t[q] = vpermps(t, q)
-    width 8 (AVX2):      t[q] = q > 7 ? vpermps(t[8:16], q) : vpermps(t[0:8], q)
+    width 16 (AVX-512F): t[q] = vpermps(t, q)                   (reads bits 0–3 of q)
+    width 8 (AVX2):      t[q] = q & 8 ? vpermps(t[8:16], q) : vpermps(t[0:8], q)
+
+``make_dequant_chunk`` decodes ``width`` packed bytes into t[q_hi], t[q_lo] of the block's
+table t = code·c_b (an IEEE float32 product, no fast-math flag: the same value as
+``code[q] * c_b`` element by element) and stores them interleaved. ``make_gemv_group``
+reads the codes as 32-bit words (8 nibbles per lane) for the fused GEMV.
 
 :func:`simd_width` says which one the CPU supports (0: none, or JIT disabled); the kernels
 fall back to portable loops then. The intrinsics are only compiled when called.
