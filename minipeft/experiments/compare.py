@@ -691,13 +691,16 @@ def plot_curves(results: Mapping[str, Any], path: str | Path | None = None) -> A
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in results["runs"]:
+    palette = plt.get_cmap("tab20").colors  # 20 colours: dark ones first, then light ones
+    for i, r in enumerate(results["runs"]):
+        color = palette[(2 * i) % 20 + (2 * i) // 20 % 2]
         steps = [c["step"] for c in r["curve"]]
-        ax1.plot(steps, [100 * c["val_acc"] for c in r["curve"]], marker="o", label=r["label"])
+        acc = [100 * c["val_acc"] for c in r["curve"]]
+        ax1.plot(steps, acc, marker="o", color=color, label=r["label"])
         losses = np.asarray(r["losses"])
         k = min(10, len(losses))
         smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
-        ax2.plot(np.arange(k, len(losses) + 1), smooth, label=r["label"])
+        ax2.plot(np.arange(k, len(losses) + 1), smooth, color=color, label=r["label"])
     ax1.set(xlabel="step", ylabel="validation accuracy (%)", title="Validation accuracy")
     ax2.set(xlabel="step", ylabel="training loss", title=f"Training loss (mean of {k} steps)")
     ax2.legend(fontsize=7, ncol=2)
@@ -711,6 +714,7 @@ def _write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are for everyone to read
     os.replace(tmp, path)
 
 
