@@ -34,14 +34,16 @@ Protocol (every number in the table comes from it):
   itself (all parameters + packed 4-bit weights). Time: median wall time of a training
   step (forward, backward, AdamW), one BLAS thread.
 
-Budgets: LoRA-type methods use r = 8 on query and value (73,728 encoder parameters),
+Budgets: LoRA-type methods use r = 8 on query and value (73,728 encoder parameters; DoRA
+adds 4,608 magnitudes; AdaLoRA starts at rank 12, 110,736, and prunes to an average of 8),
 Houlsby adapters bottleneck 8 (78,432), Pfeiffer adapters bottleneck 16 (76,128),
-P-tuning v2 16 virtual tokens per layer (73,728). Some methods cannot be put at that
-budget and are stated as such: the linear probe trains the head only, one transformer
-layer alone is 1.77 M parameters, full fine-tuning is 22.6 M, and prompt tuning pays for
-parameters with sequence length (74 k parameters would be 192 virtual tokens in front of
-~5-token inputs; each virtual token costs as much compute as a real one), so it gets 5
-tokens (1,920), which already doubles the cost of a step.
+P-tuning v2 16 virtual tokens per layer (73,728). BitFit (25,728) and IA3 (16,128) are
+available through ``--methods`` but not in the full run (its time budget). Some methods
+cannot be put at that budget and are stated as such: the linear probe trains the head
+only, one transformer layer alone is 1.77 M parameters, full fine-tuning is 22.6 M, and
+prompt tuning pays for parameters with sequence length (74 k parameters would be 192
+virtual tokens in front of ~5-token inputs; each virtual token costs as much compute as a
+real one), so it gets 5 tokens (1,920), which already doubles the cost of a step.
 """
 
 from __future__ import annotations
