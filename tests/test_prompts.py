@@ -196,3 +196,34 @@ def test_other_bad_input():
         PromptedModel(bert(), PromptTuning(base, 2))
     with pytest.raises(TypeError, match="GPT2 or BertModel"):
         PromptTuning(object(), 2)
+
+
+@pytest.mark.parametrize("kind", ["prefix", "prompt"])
+def test_gpt2_logits_equal_hf_peft(kind, tmp_path):
+    torch = pytest.importorskip("torch", reason="peer check against HF PEFT needs torch")
+    transformers = pytest.importorskip("transformers", reason="peer check needs transformers")
+    peft = pytest.importorskip("peft", reason="peer check against HF PEFT")
+    ids = np.array([[1, 4, 9, 2], [3, 3, 7, 5]])
+    mask = np.array([[1, 1, 1, 1], [0, 1, 1, 1]])  # left padding in the second row
+    with backend.dtype_policy("float64"):
+        base = gpt2()
+        base.save_pretrained(tmp_path)
+        hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, dtype=torch.float64).eval()
+        if kind == "prefix":
+            method = PTuningV2(base, 3, std=0.5)
+            # HF PEFT's prefix embedding row p = [K_0[p], V_0[p], K_1[p], V_1[p], …]
+            weight = method.prefix.data.transpose(2, 0, 1, 3).reshape(3, -1)
+            cfg = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+        else:
+            method = PromptTuning(base, 3, std=0.5)
+            weight = method.prompt.data
+            cfg = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+        with no_grad():
+            ours = PromptedModel(base, method)(ids, mask).data
+    hp = peft.get_peft_model(hf, cfg)
+    with torch.no_grad():
+        hp.prompt_encoder.default.embedding.weight.copy_(torch.from_numpy(weight))
+        theirs = hp(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+    theirs = theirs.logits.numpy()[:, -ids.shape[1] :]  # prompt tuning returns P + T rows
+    real = mask.astype(bool)
+    np.testing.assert_allclose(ours[real], theirs[real], rtol=1e-7, atol=1e-8)
