@@ -35,7 +35,7 @@
 # By default (CI) this notebook runs the comparison in a **reduced mode** — 3 steps per
 # method on 256 training examples, 64 validation/test examples: the same code path, numbers
 # that mean nothing — and then shows the committed full run. With `MINIPEFT_FULL=1` it runs
-# the full comparison itself (about half an hour on one loaded core).
+# the full comparison itself (22 minutes for the committed run, one core of a busy machine).
 
 # %%
 import json
