@@ -64,14 +64,14 @@ def main() -> int:
     w = rng.standard_normal((args.size, args.size)).astype(np.float32)
     x = rng.standard_normal(args.size).astype(np.float32)
     bs, n = args.blocksize, w.size
-    packed, state = quantize_4bit(w, bs, "nf4", kernel="numba")
-    packed_dq, state_dq = quantize_4bit(w, bs, "nf4", double_quant=True, kernel="numba")
+    packed, state = quantize_4bit(w, bs, "nf4", impl="numba")
+    packed_dq, state_dq = quantize_4bit(w, bs, "nf4", double_quant=True, impl="numba")
     out = np.empty(n, dtype=np.float32)
     dst = np.empty_like(w)
 
     cases: dict[str, Callable[[], object]] = {
-        "quantize minipeft": lambda: quantize_4bit(w, bs, "nf4", kernel="numba"),
-        "dequantize minipeft": lambda: dequantize_4bit(packed, state, kernel="numba"),
+        "quantize minipeft": lambda: quantize_4bit(w, bs, "nf4", impl="numba"),
+        "dequantize minipeft": lambda: dequantize_4bit(packed, state, impl="numba"),
         "dequantize minipeft out=": lambda: cpu_quant4.dequantize_4bit(
             packed, state.absmax, state.code, bs, n, out=out
         ),

@@ -153,7 +153,7 @@ def test_noncontiguous_input():
         ({"blocksize": 48}, ValueError, "blocksize"),
         ({"blocksize": True}, ValueError, "blocksize"),
         ({"quant_type": "nf5"}, ValueError, "quant_type"),
-        ({"kernel": "tpu"}, ValueError, "kernel"),
+        ({"impl": "tpu"}, ValueError, "impl"),
         ({"double_quant": "yes"}, TypeError, "double_quant"),
     ],
 )
@@ -175,7 +175,7 @@ def test_input_validation():
         quantize_4bit(x)
     x[70] = np.inf
     with pytest.raises(ValueError, match="finite"):
-        quantize_4bit(x, kernel="numba")
+        quantize_4bit(x, impl="numba")
     packed, state = quantize_4bit(np.ones(100, np.float32))
     with pytest.raises(ValueError, match="packed"):
         dequantize_4bit(packed[:-1], state)
@@ -307,20 +307,20 @@ def _kernel_input(n, seed=0):
 def test_numba_equals_numpy(n, bs, qt):
     x = _kernel_input(n)
     p_ref, s_ref = quantize_4bit(x, bs, qt)
-    p_nb, s_nb = quantize_4bit(x, bs, qt, kernel="numba")
+    p_nb, s_nb = quantize_4bit(x, bs, qt, impl="numba")
     np.testing.assert_array_equal(p_nb, p_ref)
     np.testing.assert_array_equal(s_nb.absmax, s_ref.absmax)
     d_ref = dequantize_4bit(p_ref, s_ref)
-    d_nb = dequantize_4bit(p_ref, s_ref, kernel="numba")
+    d_nb = dequantize_4bit(p_ref, s_ref, impl="numba")
     assert d_nb.tobytes() == d_ref.tobytes()  # bit for bit (signed zeros included)
 
 
 @given(x=arrays(), qt=st.sampled_from(QTYPES), bs=st.sampled_from([32, 64, 256]))
 def test_numba_equals_numpy_property(x, qt, bs):
     p_ref, s_ref = quantize_4bit(x, bs, qt)
-    p_nb, s_nb = quantize_4bit(x, bs, qt, kernel="numba")
+    p_nb, s_nb = quantize_4bit(x, bs, qt, impl="numba")
     assert p_nb.tobytes() == p_ref.tobytes() and s_nb.absmax.tobytes() == s_ref.absmax.tobytes()
-    assert dequantize_4bit(p_ref, s_ref, kernel="numba").tobytes() == (
+    assert dequantize_4bit(p_ref, s_ref, impl="numba").tobytes() == (
         dequantize_4bit(p_ref, s_ref).tobytes()
     )
 
@@ -335,9 +335,9 @@ def test_numba_disabled_jit_subprocess():
         x[:32] = 0
         for qt in ("nf4", "fp4"):
             p, s = quantize_4bit(x, 32, qt)
-            p2, s2 = quantize_4bit(x, 32, qt, kernel="numba")
+            p2, s2 = quantize_4bit(x, 32, qt, impl="numba")
             assert np.array_equal(p, p2) and np.array_equal(s.absmax, s2.absmax)
-            d = dequantize_4bit(p, s, kernel="numba")
+            d = dequantize_4bit(p, s, impl="numba")
             assert d.tobytes() == dequantize_4bit(p, s).tobytes()
         print("OK")
         """
@@ -357,10 +357,10 @@ def test_cuda_equals_numpy(n, bs, qt):  # pragma: no cover - needs a GPU
 
     x = _kernel_input(n)
     p_ref, s_ref = quantize_4bit(x, bs, qt)
-    p_cu, s_cu = quantize_4bit(cupy.asarray(x), bs, qt, kernel="cuda")
+    p_cu, s_cu = quantize_4bit(cupy.asarray(x), bs, qt, impl="cuda")
     np.testing.assert_array_equal(cupy.asnumpy(p_cu), p_ref)
     np.testing.assert_array_equal(s_cu.absmax, s_ref.absmax)
-    d_cu = cupy.asnumpy(dequantize_4bit(cupy.asarray(p_ref), s_ref, kernel="cuda"))
+    d_cu = cupy.asnumpy(dequantize_4bit(cupy.asarray(p_ref), s_ref, impl="cuda"))
     assert d_cu.tobytes() == dequantize_4bit(p_ref, s_ref).tobytes()
 
 

@@ -68,13 +68,13 @@ CASES = [
 
 
 @pytest.mark.parametrize(("out_f", "in_f", "bs", "qt", "dq"), CASES)
-@pytest.mark.parametrize("kernel", ["numba", "numpy"])
-def test_gemv_matches_float64_dequantized(out_f, in_f, bs, qt, dq, kernel):
+@pytest.mark.parametrize("impl", ["numba", "reference"])
+def test_gemv_matches_float64_dequantized(out_f, in_f, bs, qt, dq, impl):
     rng = np.random.default_rng(out_f * 1000 + in_f)
     w = rng.standard_normal((out_f, in_f)).astype(np.float32)
     x = rng.standard_normal(in_f).astype(np.float32)
     packed, state = quantize_4bit(w, bs, qt, dq)
-    y = gemv4.gemv_4bit(packed, state, x, kernel=kernel)
+    y = gemv4.gemv_4bit(packed, state, x, impl=impl)
     _assert_within_bound(y, _decode64(packed, state), x)
 
 
@@ -159,7 +159,7 @@ def test_gemv_zero_blocks():
     ("call", "exc", "match"),
     [
         (lambda p, s, x: gemv4.gemv_4bit(p, "state", x), TypeError, "state"),
-        (lambda p, s, x: gemv4.gemv_4bit(p, s, x, kernel="fast"), ValueError, "kernel"),
+        (lambda p, s, x: gemv4.gemv_4bit(p, s, x, impl="fast"), ValueError, "impl"),
         (lambda p, s, x: gemv4.gemv_4bit(p[:-1], s, x), ValueError, "packed"),
         (lambda p, s, x: gemv4.gemv_4bit(p.astype(np.int8), s, x), ValueError, "packed"),
         (lambda p, s, x: gemv4.gemv_4bit(p, s, x[:-1]), ValueError, "x"),
@@ -214,7 +214,7 @@ def test_cuda_gemv_matches_float64(out_f, in_f, bs, qt, dq):  # pragma: no cover
     w = rng.standard_normal((out_f, in_f)).astype(np.float32)
     x = rng.standard_normal(in_f).astype(np.float32)
     packed, state = quantize_4bit(w, bs, qt, dq)
-    y = cupy.asnumpy(gemv4.gemv_4bit(cupy.asarray(packed), state, cupy.asarray(x), kernel="cuda"))
+    y = cupy.asnumpy(gemv4.gemv_4bit(cupy.asarray(packed), state, cupy.asarray(x), impl="cuda"))
     _assert_within_bound(y, _decode64(packed, state), x)
 
 
@@ -235,7 +235,7 @@ def test_numba_quantize_hits_every_midpoint_tie(qt, bs):
     x = np.concatenate([np.ones((blocks.shape[0], 1), np.float32), blocks], axis=1)  # c_b = 1
     x = np.concatenate([x.reshape(-1), x.reshape(-1)[: bs // 2 + 1]])  # a short, odd tail
     p_ref, s_ref = quantize_4bit(x, bs, qt)
-    p_nb, s_nb = quantize_4bit(x, bs, qt, kernel="numba")
+    p_nb, s_nb = quantize_4bit(x, bs, qt, impl="numba")
     assert p_nb.tobytes() == p_ref.tobytes()
     assert s_nb.absmax.tobytes() == s_ref.absmax.tobytes()
 

@@ -173,13 +173,7 @@ def _qlora(enc: Module, ctx: Mapping[str, Any]) -> tuple[Module, str, dict[str, 
     from ..peft import LoraConfig, get_peft_model
     from ..quant.qlora import quantize_model
 
-    try:
-        import numba  # noqa: F401
-
-        kernel = "numba"
-    except ImportError:  # pragma: no cover - numba is a dependency
-        kernel = "numpy"
-    names = quantize_model(enc, _ENCODER_LINEARS, "nf4", 64, double_quant=True, kernel=kernel)
+    names = quantize_model(enc, _ENCODER_LINEARS, "nf4", 64, double_quant=True)
     enc.requires_grad_(False)
     cfg = LoraConfig(r=8, lora_alpha=16, target_modules=list(_QV))
     details = (

@@ -15,8 +15,9 @@ padded with one zero before packing; FP4 levels are searched in stable sorted or
 (code 0 before code 8, both zero). See ``derivations/qlora.md``.
 
 ``quantize_4bit(x, blocksize=64, quant_type="nf4", double_quant=False)`` returns
-``(packed, state)``; ``dequantize_4bit(packed, state)`` inverts it. ``kernel="numba"``
-runs the Numba kernels (bit-identical), ``kernel="cuda"`` the CUDA ones (CuPy arrays).
+``(packed, state)``; ``dequantize_4bit(packed, state)`` inverts it. Both run the Numba
+kernels by default; ``impl="reference"`` selects the NumPy reference they equal bit for
+bit, ``impl="cuda"`` the CUDA kernels (CuPy arrays).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ __all__ = [
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # as bitsandbytes 0.50
 QUANT_TYPES = ("nf4", "fp4", "int4")  # int4 is minipeft's linear baseline, not in bnb
 _DTYPES = ("float16", "float32", "float64")
-_KERNELS = ("numpy", "numba", "cuda")
+_IMPLS = ("reference", "numba", "cuda")
 _TINY = np.float32(1e-38)  # bitsandbytes clamps a block's scale to this before 1/c
 _FORMAT = "minipeft.quant4/1"
 
@@ -239,28 +240,29 @@ def quantize_4bit(
     quant_type: str = "nf4",
     double_quant: bool = False,
     *,
-    kernel: str = "numpy",
+    impl: str = "numba",
 ) -> tuple[Any, QuantState]:
     """Blockwise 4-bit quantization: (packed uint8 ((n+1)//2,), state). [qlora.blockwise_roundtrip]
 
     x: float16/32/64 array of any shape (computed in float32, as bitsandbytes does after
     ``.float()``). blocksize ∈ {32, …, 4096}; quant_type 'nf4', 'fp4' (bitsandbytes) or
     'int4' (linear baseline). double_quant: quantize the absmax constants too (QLoRA).
-    kernel: 'numpy' (reference), 'numba' or 'cuda' (x a CuPy array); all give the same bytes.
+    impl: 'numba' (default), 'reference' (NumPy) or 'cuda' (x a CuPy array); all give the
+    same bytes.
     """
     _check_blocksize(blocksize)
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type: expected one of {QUANT_TYPES}, got {quant_type!r}")
     if not isinstance(double_quant, bool | np.bool_):
         raise TypeError(f"double_quant: expected a bool, got {type(double_quant).__name__}")
-    if kernel not in _KERNELS:
-        raise ValueError(f"kernel: expected one of {_KERNELS}, got {kernel!r}")
+    if impl not in _IMPLS:
+        raise ValueError(f"impl: expected one of {_IMPLS}, got {impl!r}")
     x = _validate_input(x)
     code = get_codebook(quant_type)
     order, mids = decision_boundaries(code)
     shape, dtype = tuple(int(d) for d in x.shape), np.dtype(x.dtype).name
 
-    if kernel == "cuda":
+    if impl == "cuda":
         from ..kernels.cuda import quant4 as cuda_quant4
 
         packed, absmax = cuda_quant4.quantize_4bit(x, blocksize, mids, order)
@@ -268,7 +270,7 @@ def quantize_4bit(
     else:
         flat = np.ascontiguousarray(to_numpy(x), dtype=np.float32).reshape(-1)  # (n,)
         _check_finite(flat)
-        if kernel == "numba":
+        if impl == "numba":
             from ..kernels.cpu import quant4 as cpu_quant4
 
             packed, absmax_np = cpu_quant4.quantize_4bit(flat, blocksize, mids, order)
@@ -285,12 +287,12 @@ def quantize_4bit(
     return packed, state
 
 
-def dequantize_4bit(packed: Any, state: QuantState, *, kernel: str = "numpy") -> Any:
+def dequantize_4bit(packed: Any, state: QuantState, *, impl: str = "numba") -> Any:
     """x̂ = code[q]·c_b (float32 product), reshaped to ``state.shape`` in ``state.dtype``."""
     if not isinstance(state, QuantState):
         raise TypeError(f"state: expected a QuantState, got {type(state).__name__}")
-    if kernel not in _KERNELS:
-        raise ValueError(f"kernel: expected one of {_KERNELS}, got {kernel!r}")
+    if impl not in _IMPLS:
+        raise ValueError(f"impl: expected one of {_IMPLS}, got {impl!r}")
     n = state.numel
     n_bytes = (n + 1) // 2
     if getattr(packed, "dtype", None) != np.uint8 or packed.size != n_bytes:
@@ -300,13 +302,13 @@ def dequantize_4bit(packed: Any, state: QuantState, *, kernel: str = "numpy") ->
             f"{getattr(packed, 'size', '?')} items"
         )
     scales = state.block_scales()  # c_b, float32 (n_blocks,)
-    if kernel == "cuda":
+    if impl == "cuda":
         from ..kernels.cuda import quant4 as cuda_quant4
 
         out = cuda_quant4.dequantize_4bit(packed, scales, state.code, state.blocksize, n)
         return out.reshape(state.shape).astype(state.dtype, copy=False)
     packed_np = to_numpy(packed).reshape(-1)
-    if kernel == "numba":
+    if impl == "numba":
         from ..kernels.cpu import quant4 as cpu_quant4
 
         out = cpu_quant4.dequantize_4bit(packed_np, scales, state.code, state.blocksize, n)

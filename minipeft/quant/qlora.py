@@ -61,7 +61,7 @@ class Weight4bit:
     requires_grad = False
     grad = None
 
-    def __init__(self, packed: np.ndarray, state: QuantState, *, kernel: str = "numpy") -> None:
+    def __init__(self, packed: np.ndarray, state: QuantState, *, impl: str = "numba") -> None:
         if not isinstance(state, QuantState):
             raise TypeError(f"state: expected a QuantState, got {type(state).__name__}")
         if len(state.shape) != 2:
@@ -75,7 +75,7 @@ class Weight4bit:
             )
         self.packed = packed
         self.quant_state = state
-        self.kernel = kernel
+        self.impl = impl
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -109,7 +109,7 @@ class Weight4bit:
 
     def dequantize(self, dtype: Any = None) -> Array:
         """Ŵ = code[q]·c_b in the stored layout, as ``dtype`` (default: the weight's dtype)."""
-        w = dequantize_4bit(self.packed, self.quant_state, kernel=self.kernel)
+        w = dequantize_4bit(self.packed, self.quant_state, impl=self.impl)
         return w if dtype is None else w.astype(dtype, copy=False)
 
     @property
@@ -283,14 +283,14 @@ class Linear4bit(Module):
         quant_type: str = "nf4",
         blocksize: int = 64,
         double_quant: bool = False,
-        kernel: str = "numpy",
+        impl: str = "numba",
     ) -> None:
         super().__init__()
         w = weight.data if isinstance(weight, Tensor) else weight
         if getattr(w, "ndim", None) != 2:
             raise ValueError(f"weight: expected a 2-D array, got shape {getattr(w, 'shape', None)}")
-        packed, state = quantize_4bit(w, blocksize, quant_type, double_quant, kernel=kernel)
-        self._setup(Weight4bit(packed, state, kernel=kernel), bias, fan_in_fan_out)
+        packed, state = quantize_4bit(w, blocksize, quant_type, double_quant, impl=impl)
+        self._setup(Weight4bit(packed, state, impl=impl), bias, fan_in_fan_out)
 
     def _setup(self, w4: Weight4bit, bias: Any, fan_in_fan_out: bool) -> None:
         self.fan_in_fan_out = bool(fan_in_fan_out)
@@ -308,18 +308,18 @@ class Linear4bit(Module):
     @classmethod
     def from_quantized(
         cls, packed: np.ndarray, state: QuantState, bias: Any = None, *,
-        fan_in_fan_out: bool = False, kernel: str = "numpy",
+        fan_in_fan_out: bool = False, impl: str = "numba",
     ) -> Linear4bit:  # fmt: skip
         """A layer over codes that are already quantized (e.g. by LoftQ or bitsandbytes)."""
         layer = cls.__new__(cls)
         Module.__init__(layer)
-        layer._setup(Weight4bit(packed, state, kernel=kernel), bias, fan_in_fan_out)
+        layer._setup(Weight4bit(packed, state, impl=impl), bias, fan_in_fan_out)
         return layer
 
     @classmethod
     def from_float(
         cls, layer: Module, *, quant_type: str = "nf4", blocksize: int = 64,
-        double_quant: bool = False, kernel: str = "numpy",
+        double_quant: bool = False, impl: str = "numba",
     ) -> Linear4bit:  # fmt: skip
         """Quantize a ``Linear`` (out, in) or GPT-2 ``Conv1D`` (in, out) layer."""
         kind = type(layer).__name__
@@ -327,7 +327,7 @@ class Linear4bit(Module):
             raise TypeError(f"layer: expected a Linear or Conv1D layer, got {kind}")
         return cls(
             layer.weight, getattr(layer, "bias", None), fan_in_fan_out=kind == "Conv1D",
-            quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, kernel=kernel,
+            quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, impl=impl,
         )  # fmt: skip
 
     def forward(self, x: Tensor) -> Tensor:
@@ -375,7 +375,7 @@ def quantize_model(
     blocksize: int = 64,
     double_quant: bool = False,
     *,
-    kernel: str = "numpy",
+    impl: str = "numba",
 ) -> list[str]:
     """Replace the matching ``Linear``/``Conv1D`` layers of ``model`` by ``Linear4bit``, in place.
 
@@ -402,7 +402,7 @@ def quantize_model(
     for name in names:
         q = Linear4bit.from_float(
             model.get_submodule(name), quant_type=quant_type, blocksize=blocksize,
-            double_quant=double_quant, kernel=kernel,
+            double_quant=double_quant, impl=impl,
         )  # fmt: skip
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)

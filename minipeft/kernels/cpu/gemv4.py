@@ -41,7 +41,7 @@ from .simd import make_gemv_group, simd_width
 
 __all__ = ["gemv_4bit", "gemv_4bit_reference", "simd_width"]
 
-_KERNELS = ("numpy", "numba", "cuda")
+_IMPLS = ("reference", "numba", "cuda")
 # reassociation lets the sums vectorize; no "contract": nothing is fused behind our back (the
 # double-quant scale stays bit-identical to double_dequantize; the kernel's FMAs are explicit)
 _FAST = {"reassoc", "nsz", "nnan", "ninf", "arcp"}
@@ -234,20 +234,20 @@ def _dq_parts(state: Any) -> tuple:
     )
 
 
-def gemv_4bit(packed: Any, state: Any, x: Any, *, kernel: str = "numba") -> Any:
+def gemv_4bit(packed: Any, state: Any, x: Any, *, impl: str = "numba") -> Any:
     """y = Ŵ·x (``x @ Ŵᵀ`` for one row) from 4-bit codes, Ŵ never formed. [qlora.gemv4]
 
     packed, state: from ``quantize_4bit`` of a 2-D weight W (out, in). x: (in,) or (B, in)
     (B rows one after another: for more than a few rows dequantize once and use a matmul).
-    Returns float32 (out,) or (B, out). kernel: 'numba' (fused, default), 'numpy'
+    Returns float32 (out,) or (B, out). impl: 'numba' (fused, default), 'reference'
     (dequantize-then-matmul reference), 'cuda' (CuPy arrays in and out).
     """
     from ...quant.blockwise import QuantState
 
     if not isinstance(state, QuantState):
         raise TypeError(f"state: expected a QuantState, got {type(state).__name__}")
-    if kernel not in _KERNELS:
-        raise ValueError(f"kernel: expected one of {_KERNELS}, got {kernel!r}")
+    if impl not in _IMPLS:
+        raise ValueError(f"impl: expected one of {_IMPLS}, got {impl!r}")
     if len(state.shape) != 2:
         raise ValueError(f"state: expected a 2-D weight (out, in), got shape {state.shape}")
     out_f, in_f = state.shape
@@ -262,14 +262,14 @@ def gemv_4bit(packed: Any, state: Any, x: Any, *, kernel: str = "numba") -> Any:
         raise ValueError(
             f"x: expected shape ({in_f},) or (B, {in_f}), got {getattr(x, 'shape', x)}"
         )
-    if kernel == "cuda":
+    if impl == "cuda":
         from ..cuda import gemv4 as cuda_gemv4
 
         return cuda_gemv4.gemv_4bit(packed, state, x)
     code = _ro(state.code, np.float32)
     packed_np = _ro(packed, np.uint8).reshape(-1)
     xs = _ro(x, np.float32).reshape(-1, in_f)  # (B, in)
-    if kernel == "numpy":
+    if impl == "reference":
         y = gemv_4bit_reference(
             packed_np, state.block_scales(), code, state.blocksize, (out_f, in_f), xs.T
         ).T  # (B, out)

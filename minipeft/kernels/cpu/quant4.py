@@ -1,6 +1,6 @@
 """Numba kernels for blockwise 4-bit quantization, equal bit for bit to the NumPy reference.
 
-The reference is ``minipeft.quant.blockwise`` (``quantize_4bit(..., kernel="numpy")``);
+The reference is ``minipeft.quant.blockwise`` (``quantize_4bit(..., impl="reference")``);
 these loops do the same float32 operations in the same order, one block at a time:
 
     c_b = max |x_i|                      (a short last block: max(c_b, 1e-38))

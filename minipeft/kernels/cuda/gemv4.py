@@ -1,6 +1,6 @@
 """Launcher for ``gemv4.cu``: fused 4-bit GEMV y = Ŵ·x on a CUDA device (CuPy).
 
-Called by ``minipeft.kernels.cpu.gemv4.gemv_4bit(..., kernel="cuda")``; compared with a
+Called by ``minipeft.kernels.cpu.gemv4.gemv_4bit(..., impl="cuda")``; compared with a
 float64 reference in ``tests/test_gemv4.py`` wherever CuPy sees a device.
 
     gemv4_rows     rows of whole blocks, 16-byte aligned codes: one warp per row, a uint4 of

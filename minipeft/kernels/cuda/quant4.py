@@ -1,7 +1,7 @@
 """Launcher for ``quant4.cu``: blockwise 4-bit quantize / dequantize on a CUDA device (CuPy).
 
-Called by ``minipeft.quant.quantize_4bit(..., kernel="cuda")`` and
-``dequantize_4bit(..., kernel="cuda")``; the bytes equal the NumPy reference
+Called by ``minipeft.quant.quantize_4bit(..., impl="cuda")`` and
+``dequantize_4bit(..., impl="cuda")``; the bytes equal the NumPy reference
 (``tests/test_blockwise.py`` compares them wherever CuPy sees a device).
 
     quant4_absmax      one thread block per quantization block: c_b = max |x_i|

@@ -63,7 +63,7 @@ def _check_gemv4() -> Outcome:
         mag = np.abs(w_hat) @ np.abs(x.astype(np.float64))  # Σ|ŵ x|
         k = in_f + 2
         gamma = k * _U / (1 - k * _U)
-        y = gemv_4bit(packed, state, x, kernel="numba").astype(np.float64)
+        y = gemv_4bit(packed, state, x, impl="numba").astype(np.float64)
         worst = max(worst, float(np.max(np.abs(y - ref) / (gamma * mag))))
         if not arrays:
             arrays = {"w_hat": w_hat, "x": x.astype(np.float64), "y": ref}
