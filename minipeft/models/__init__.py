@@ -1,5 +1,6 @@
 """Models with Hugging Face module names and weight layouts, and checkpoint IO."""
 
+from .bert import BertConfig, BertModel, BertTokenizer
 from .gpt2 import GPT2, GPT2Config
 from .io import (
     CheckpointError,
@@ -9,6 +10,13 @@ from .io import (
 )
 
 __all__ = [
-    "GPT2", "CheckpointError", "GPT2Config", "load_safetensors", "read_json_config",
+    "GPT2",
+    "BertConfig",
+    "BertModel",
+    "BertTokenizer",
+    "CheckpointError",
+    "GPT2Config",
+    "load_safetensors",
+    "read_json_config",
     "save_safetensors_atomic",
 ]  # fmt: skip

@@ -128,6 +128,40 @@ class LoraFunction(Function):
         return tuple(head + pair_grads)
 
 
+def check_adapters(
+    x: Tensor,
+    in_f: int,
+    out_f: int,
+    bias: Tensor | None,
+    adapters: Sequence[tuple[Tensor, Tensor, float]],
+    masks: Sequence[Array | None] | None,
+) -> tuple[list[Tensor], list[Array | None]]:
+    """Validate a LoRA call's shapes; return the flat [A₁, B₁, A₂, B₂, …] and one mask each.
+
+    Shared by every fused LoRA Function (float base here, 4-bit base in ``quant.qlora``).
+    """
+    if x.shape[-1] != in_f:
+        raise ValueError(f"x: expected last dimension {in_f} (in_features), got shape {x.shape}")
+    if bias is not None and bias.shape != (out_f,):
+        raise ValueError(f"bias: expected shape {(out_f,)}, got {bias.shape}")
+    masks = list(masks) if masks is not None else [None] * len(adapters)
+    if len(masks) != len(adapters):
+        raise ValueError(f"masks: expected {len(adapters)} entries, got {len(masks)}")
+    flat: list[Tensor] = []
+    for i, (a, b, _) in enumerate(adapters):
+        if a.ndim != 2 or a.shape[1] != in_f:
+            raise ValueError(f"adapters[{i}].A: expected shape (r, {in_f}), got {a.shape}")
+        if b.ndim != 2 or b.shape != (out_f, a.shape[0]):
+            raise ValueError(
+                f"adapters[{i}].B: expected shape ({out_f}, {a.shape[0]}), got {b.shape}"
+            )
+        flat += [a, b]
+    for i, m in enumerate(masks):
+        if m is not None and tuple(m.shape) != x.shape:
+            raise ValueError(f"masks[{i}]: expected shape {x.shape}, got {tuple(m.shape)}")
+    return flat, masks
+
+
 def lora_linear(
     x: Tensor,
     w0: Tensor,
@@ -151,25 +185,7 @@ def lora_linear(
     if not isinstance(x, Tensor) or not isinstance(w0, Tensor):
         raise TypeError("x, w0: expected Tensors")
     out_f, in_f = (w0.shape[1], w0.shape[0]) if fan_in_fan_out else w0.shape
-    if x.shape[-1] != in_f:
-        raise ValueError(f"x: expected last dimension {in_f} (in_features), got shape {x.shape}")
-    if bias is not None and bias.shape != (out_f,):
-        raise ValueError(f"bias: expected shape {(out_f,)}, got {bias.shape}")
-    masks = list(masks) if masks is not None else [None] * len(adapters)
-    if len(masks) != len(adapters):
-        raise ValueError(f"masks: expected {len(adapters)} entries, got {len(masks)}")
-    flat: list[Tensor] = []
-    for i, (a, b, _) in enumerate(adapters):
-        if a.ndim != 2 or a.shape[1] != in_f:
-            raise ValueError(f"adapters[{i}].A: expected shape (r, {in_f}), got {a.shape}")
-        if b.ndim != 2 or b.shape != (out_f, a.shape[0]):
-            raise ValueError(
-                f"adapters[{i}].B: expected shape ({out_f}, {a.shape[0]}), got {b.shape}"
-            )
-        flat += [a, b]
-    for i, m in enumerate(masks):
-        if m is not None and tuple(m.shape) != x.shape:
-            raise ValueError(f"masks[{i}]: expected shape {x.shape}, got {tuple(m.shape)}")
+    flat, masks = check_adapters(x, in_f, out_f, bias, adapters, masks)
     head = [x, w0] + ([bias] if bias is not None else [])
     return LoraFunction.apply(
         *head,

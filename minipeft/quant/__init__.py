@@ -1,5 +1,6 @@
-"""minipeft.quant: codebooks, bitsandbytes-compatible blockwise 4-bit and double quantization."""
+"""minipeft.quant: Lloyd-Max, codebooks, bitsandbytes-compatible 4-bit, QLoRA and LoftQ."""
 
+from ..kernels.cpu.gemv4 import gemv_4bit
 from .blockwise import QuantState, dequantize_4bit, load_4bit, quantize_4bit, save_4bit
 from .codebooks import (
     NF4_PUBLISHED,
@@ -13,10 +14,14 @@ from .codebooks import (
     nf4_codebook,
 )
 from .double_quant import DoubleQuantState, bits_per_parameter, double_dequantize, double_quantize
+from .lloyd_max import lloyd_max_gaussian, lloyd_max_samples
+from .loftq import loftq_init, loftq_model
+from .qlora import Linear4bit, quantize_model
 
 __all__ = [
     "NF4_PUBLISHED",
     "DoubleQuantState",
+    "Linear4bit",
     "QuantState",
     "bits_per_parameter",
     "create_dynamic_map",
@@ -26,11 +31,17 @@ __all__ = [
     "double_quantize",
     "dynamic_map_signed",
     "fp4_codebook",
+    "gemv_4bit",
     "get_codebook",
     "int4_codebook",
+    "lloyd_max_gaussian",
+    "lloyd_max_samples",
     "load_4bit",
+    "loftq_init",
+    "loftq_model",
     "nearest_code",
     "nf4_codebook",
     "quantize_4bit",
+    "quantize_model",
     "save_4bit",
 ]

@@ -33,6 +33,7 @@ import numpy as np
 from ..autograd.tensor import Function, Tensor
 from ..backend import Array
 from ..nn.module import Module, Parameter
+from ..peft.lora import check_adapters
 from .blockwise import QuantState, dequantize_4bit, quantize_4bit
 
 __all__ = [
@@ -230,25 +231,7 @@ def linear4bit(
     if not isinstance(weight, Weight4bit):
         raise TypeError(f"weight: expected a Weight4bit, got {type(weight).__name__}")
     out_f, in_f = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else weight.shape
-    if x.shape[-1] != in_f:
-        raise ValueError(f"x: expected last dimension {in_f} (in_features), got shape {x.shape}")
-    if bias is not None and bias.shape != (out_f,):
-        raise ValueError(f"bias: expected shape {(out_f,)}, got {bias.shape}")
-    masks = list(masks) if masks is not None else [None] * len(adapters)
-    if len(masks) != len(adapters):
-        raise ValueError(f"masks: expected {len(adapters)} entries, got {len(masks)}")
-    flat: list[Tensor] = []
-    for i, (a, b, _) in enumerate(adapters):
-        if a.ndim != 2 or a.shape[1] != in_f:
-            raise ValueError(f"adapters[{i}].A: expected shape (r, {in_f}), got {a.shape}")
-        if b.ndim != 2 or b.shape != (out_f, a.shape[0]):
-            raise ValueError(
-                f"adapters[{i}].B: expected shape ({out_f}, {a.shape[0]}), got {b.shape}"
-            )
-        flat += [a, b]
-    for i, m in enumerate(masks):
-        if m is not None and tuple(m.shape) != x.shape:
-            raise ValueError(f"masks[{i}]: expected shape {x.shape}, got {tuple(m.shape)}")
+    flat, masks = check_adapters(x, in_f, out_f, bias, adapters, masks)
     head = [x] + ([bias] if bias is not None else [])
     return Linear4bitFunction.apply(
         *head,
