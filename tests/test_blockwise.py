@@ -366,3 +366,16 @@ def test_cuda_equals_numpy(n, bs, qt):  # pragma: no cover - needs a GPU
 
 def test_valid_blocksizes_match_bitsandbytes_list():
     assert VALID_BLOCKSIZES == (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def test_dequantize_into_a_reused_buffer_is_bit_identical():
+    x = np.random.default_rng(5).standard_normal((37, 64)).astype(np.float32)
+    packed, state = quantize_4bit(x, 64, "nf4")
+    buf = np.empty((37, 64), dtype=np.float32)
+    got = dequantize_4bit(packed, state, out=buf)
+    assert got is buf
+    assert buf.tobytes() == dequantize_4bit(packed, state, impl="reference").tobytes()
+    with pytest.raises(ValueError, match="out"):
+        dequantize_4bit(packed, state, out=np.empty((64, 37), dtype=np.float32))
+    with pytest.raises(ValueError, match="out"):
+        dequantize_4bit(packed, state, impl="reference", out=buf)

@@ -287,8 +287,15 @@ def quantize_4bit(
     return packed, state
 
 
-def dequantize_4bit(packed: Any, state: QuantState, *, impl: str = "numba") -> Any:
-    """x̂ = code[q]·c_b (float32 product), reshaped to ``state.shape`` in ``state.dtype``."""
+def dequantize_4bit(
+    packed: Any, state: QuantState, *, impl: str = "numba", out: np.ndarray | None = None
+) -> Any:
+    """x̂ = code[q]·c_b (float32 product), reshaped to ``state.shape`` in ``state.dtype``.
+
+    ``out``: a C-contiguous float32 array of ``state.shape`` to write into (``impl="numba"``,
+    float32 state). A reused buffer skips the page faults of a fresh allocation, which on
+    this project's machines cost as much as the whole dequantization (derivations/qlora.md).
+    """
     if not isinstance(state, QuantState):
         raise TypeError(f"state: expected a QuantState, got {type(state).__name__}")
     if impl not in _IMPLS:
@@ -308,6 +315,25 @@ def dequantize_4bit(packed: Any, state: QuantState, *, impl: str = "numba") -> A
         out = cuda_quant4.dequantize_4bit(packed, scales, state.code, state.blocksize, n)
         return out.reshape(state.shape).astype(state.dtype, copy=False)
     packed_np = to_numpy(packed).reshape(-1)
+    if out is not None:
+        if impl != "numba" or state.dtype != "float32":
+            raise ValueError(
+                f"out: needs impl='numba' and a float32 state, got {impl!r}, {state.dtype}"
+            )
+        if not (
+            isinstance(out, np.ndarray) and out.dtype == np.float32 and out.flags.c_contiguous
+            and tuple(out.shape) == tuple(state.shape)
+        ):  # fmt: skip
+            raise ValueError(
+                f"out: expected a C-contiguous float32 array of shape {state.shape}, got "
+                f"{getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}"
+            )
+        from ..kernels.cpu import quant4 as cpu_quant4
+
+        cpu_quant4.dequantize_4bit(
+            packed_np, scales, state.code, state.blocksize, n, out=out.reshape(-1)
+        )
+        return out
     if impl == "numba":
         from ..kernels.cpu import quant4 as cpu_quant4
 
