@@ -345,3 +345,20 @@ def test_adalora_through_get_peft_model_trains_and_allocates():
         assert layer.effective_rank() <= sum(pattern[f"{name}.lora_E"])
     # the base model's weights are untouched
     assert all(p.grad is None for n, p in model.named_parameters() if "base_layer" in n)
+
+
+def test_merge_unmerge_and_disable_follow_hf_peft():
+    minipeft.seed(1)
+    with minipeft.dtype_policy("float64"):
+        layer = SVDLinear(Linear(5, 3), r=4, lora_alpha=8)
+    layer.E.data[:, 0] = [0.5, -1.0, 0.0, 2.0]
+    x = Tensor(np.random.default_rng(2).standard_normal((2, 5)))
+    w0 = layer.base_layer.weight.data.copy()
+    y = layer(x).data
+    layer.merge()
+    np.testing.assert_allclose(layer(x).data, y, rtol=1e-12)  # merged: the same function
+    with layer.disable_adapters():  # off: the base alone, unmerged first (as HF PEFT)
+        np.testing.assert_allclose(layer(x).data, x.data @ w0.T + layer.base_layer.bias.data)
+    assert not layer.merged
+    np.testing.assert_allclose(layer.base_layer.weight.data, w0, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(layer(x).data, y, rtol=1e-12)

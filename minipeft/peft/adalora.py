@@ -24,8 +24,7 @@ that changes a number, so that budgets, scores, masks and rank patterns agree wi
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -37,7 +36,7 @@ from ..autograd.tensor import Function, Tensor
 from ..backend import Array
 from ..nn.module import Module, Parameter
 from .config import PeftConfig
-from .lora import _AdapterDict, base_layout
+from .lora import AdapterLayer, _AdapterDict, base_layout
 
 __all__ = [
     "AdaLoraConfig",
@@ -215,7 +214,7 @@ def orthogonal_penalty(lora_As: Iterable[Tensor], lora_Bs: Iterable[Tensor]) -> 
 
 
 # ---------------------------------------------------------------------------- the layer
-class SVDLinear(Module):
+class SVDLinear(AdapterLayer):
     """A frozen base layer plus AdaLoRA's update: h = base(x) + c·P·Λ·Q·x.
 
     ``base`` is a Linear (weight (out, in)) or GPT-2's Conv1D (weight (in, out)); its
@@ -276,11 +275,11 @@ class SVDLinear(Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.base_layer(x)
-        if self.disabled or self.merged:
+        h = self.base_output(x)
+        if h is not None:
             return h
         xd = ops.dropout(x, self.lora_dropout, self.training)
-        return h + svd_delta(xd, self.A, self.E, self.B, self.scaling)
+        return self.base_layer(x) + svd_delta(xd, self.A, self.E, self.B, self.scaling)
 
     def delta_weight(self) -> np.ndarray:
         """ΔW = c·P·(Λ ⊙ Q) in the base's layout ((out, in), or (in, out) for Conv1D)."""
@@ -299,19 +298,6 @@ class SVDLinear(Module):
             return
         self.base_layer.weight.data -= self.delta_weight().astype(self.base_layer.weight.dtype)
         self.merged = False
-
-    @contextmanager
-    def disable_adapters(self) -> Iterator[None]:
-        """Run the base layer alone inside the block."""
-        old, was_merged = self.disabled, self.merged
-        self.unmerge()
-        self.disabled = True
-        try:
-            yield
-        finally:
-            self.disabled = old
-            if was_merged:
-                self.merge()
 
     def resize(self, keep: list[bool]) -> None:
         """Keep only the triplets marked True (PEFT's ``resize_modules_by_rank_pattern``).

@@ -16,15 +16,12 @@ BitFit trains only the biases: ``apply_bitfit`` freezes every other parameter.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import numpy as np
 
 from ..autograd.tensor import Function, Tensor
 from ..backend import Array
 from ..nn.module import Module, Parameter
-from .lora import _AdapterDict, base_layout
+from .lora import AdapterLayer, _AdapterDict, base_layout
 
 __all__ = ["IA3Function", "IA3Layer", "apply_bitfit", "ia3_linear"]
 
@@ -119,7 +116,7 @@ def ia3_linear(
     )
 
 
-class IA3Layer(Module):
+class IA3Layer(AdapterLayer):
     """A frozen base layer with an IA3 vector ``ia3_l.<name>`` (HF PEFT names and shapes)."""
 
     def __init__(
@@ -178,21 +175,10 @@ class IA3Layer(Module):
             self.base_layer.bias.data[...] = self._saved_b
         self.merged = False
 
-    @contextmanager
-    def disable_adapters(self) -> Iterator[None]:
-        old = self.disabled
-        self.disabled = True
-        try:
-            yield
-        finally:
-            self.disabled = old
-
     def forward(self, x: Tensor) -> Tensor:
-        if self.disabled:
-            self.unmerge()
-            return self.base_layer(x)
-        if self.merged:
-            return self.base_layer(x)
+        h = self.base_output(x)
+        if h is not None:
+            return h
         base = self.base_layer
         return ia3_linear(
             x,

@@ -272,6 +272,40 @@ class _AdapterDict(Module):
         delattr(self, name)
 
 
+class AdapterLayer(Module):
+    """The switches every adapter-carrying layer shares (LoRA, IA3, VeRA, AdaLoRA).
+
+    A subclass holds ``base_layer``, a ``disabled`` flag, a ``merged`` state and
+    ``unmerge()``. As in HF PEFT, running with the adapters switched off unmerges them first.
+    """
+
+    disabled: bool
+
+    def enable_adapters(self, enabled: bool = True) -> None:
+        """Switch the adapters on (True) or off (False: the base layer alone)."""
+        self.disabled = not enabled
+
+    @contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """``with layer.disable_adapters(): ...`` runs the base layer alone."""
+        old = self.disabled
+        self.disabled = True
+        try:
+            yield
+        finally:
+            self.disabled = old
+
+    def base_output(self, x: Tensor) -> Tensor | None:
+        """The base layer's output when the adapters must not run (off, or merged into W₀)."""
+        if self.disabled:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x)
+        if self.merged:
+            return self.base_layer(x)
+        return None
+
+
 def base_layout(
     base: Module, fan_in_fan_out: bool | None = None, *, allow_4bit: bool = False
 ) -> tuple[int, int, bool]:
@@ -304,7 +338,7 @@ def base_layout(
     return int(w.shape[1]), int(w.shape[0]), False
 
 
-class LoraLayer(Module):
+class LoraLayer(AdapterLayer):
     """A frozen base layer (``base_layer``) with named LoRA adapters.
 
     Parameter names follow HF PEFT: ``base_layer.weight``, ``lora_A.<name>.weight`` (r, in),
@@ -432,20 +466,6 @@ class LoraLayer(Module):
             if n in self.lora_magnitude_vector:
                 self.lora_magnitude_vector[n].weight.requires_grad_(flag)
 
-    def enable_adapters(self, enabled: bool = True) -> None:
-        """Switch the adapters on (True) or off (False: the base layer alone)."""
-        self.disabled = not enabled
-
-    @contextmanager
-    def disable_adapters(self) -> Iterator[None]:
-        """``with layer.disable_adapters(): ...`` runs the base layer alone."""
-        old = self.disabled
-        self.disabled = True
-        try:
-            yield
-        finally:
-            self.disabled = old
-
     # ---------------------------------------------------------------- weights
     def _w0_out_in(self) -> Array:
         """W₀ in the (out, in) layout (a view)."""
@@ -503,13 +523,10 @@ class LoraLayer(Module):
         return xp.asarray(keep, dtype=x.dtype) * x.dtype.type(1.0 / (1.0 - p))  # M/(1−p)
 
     def forward(self, x: Tensor) -> Tensor:
+        h = self.base_output(x)
+        if h is not None:
+            return h
         base = self.base_layer
-        if self.disabled:
-            if self.merged:
-                self.unmerge()
-            return base(x)
-        if self.merged:
-            return base(x)
         plain, masks, doras = [], [], []
         for n in self.active_adapters:
             a, b, s = self.lora_A[n].weight, self.lora_B[n].weight, self.scaling[n]

@@ -18,8 +18,6 @@ Trainable parameters per layer: out + r. With G = ∂L/∂H, U = X̃·Aᵀ, Z = 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 
@@ -27,7 +25,7 @@ from .. import backend
 from ..autograd.tensor import Function, Tensor
 from ..backend import Array
 from ..nn.module import Module, Parameter
-from .lora import _AdapterDict, base_layout
+from .lora import AdapterLayer, _AdapterDict, base_layout
 
 __all__ = ["VeraFunction", "VeraLayer", "vera_kaiming_projection", "vera_linear"]
 
@@ -134,7 +132,7 @@ def vera_linear(
     )
 
 
-class VeraLayer(Module):
+class VeraLayer(AdapterLayer):
     """A frozen base layer plus one VeRA adapter; names as HF PEFT (``vera_lambda_b.<name>``).
 
     ``shared`` is a dict {"A": (r, in_max), "B": (out_max, r)} of frozen arrays owned by the
@@ -208,21 +206,10 @@ class VeraLayer(Module):
             self.base_layer.weight.data[...] -= self._dw.T if self.fan_in_fan_out else self._dw
             self.merged = False
 
-    @contextmanager
-    def disable_adapters(self) -> Iterator[None]:
-        old = self.disabled
-        self.disabled = True
-        try:
-            yield
-        finally:
-            self.disabled = old
-
     def forward(self, x: Tensor) -> Tensor:
-        if self.disabled:
-            self.unmerge()
-            return self.base_layer(x)
-        if self.merged:
-            return self.base_layer(x)
+        h = self.base_output(x)
+        if h is not None:
+            return h
         mask = None
         if self.training and self.vera_dropout > 0:
             keep = backend.rng().random(x.shape) >= self.vera_dropout
