@@ -9,6 +9,11 @@ fixed by a hash of the text (SHA-256), so it does not depend on NumPy's generato
 the order of the file: 4,844 train, 981 validation and 992 test entries. The metric is
 accuracy; always answering "negative" scores 58.4 % on the test split.
 
+``char_corpora``: two real text corpora for a character-level language model — the
+docstrings of NumPy's public callables (English prose with examples) and the source of five
+pure-Python standard-library modules (code) — encoded to ``CHAR_VOCAB`` ids. Notebooks 02
+and 05 pretrain a small GPT-2 on the first and adapt it to the second.
+
 ``general_sentences``: sentences from the Python documentation's topic pages
 (``pydoc_data.topics``, part of CPython), used to measure how far fine-tuning moves a
 model's embeddings of text unrelated to the task (forgetting).
@@ -23,9 +28,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["LexiconTask", "general_sentences", "sentiment_lexicon_task"]
+__all__ = [
+    "CHAR_VOCAB",
+    "LexiconTask",
+    "char_corpora",
+    "encode_chars",
+    "general_sentences",
+    "sentiment_lexicon_task",
+]
 
 _NEUTRAL_BAND = 0.5
+CHAR_VOCAB = 96  # printable ASCII 32..126 → 1..95, newline → 0; anything else → "?"
+_STDLIB_MODULES = ("textwrap", "heapq", "bisect", "fnmatch", "shlex")
 
 
 @dataclass(frozen=True)
@@ -103,3 +117,27 @@ def general_sentences(n: int = 64) -> list[str]:
     if len(found) < n:
         raise ValueError(f"n: only {len(found)} sentences are available, asked for {n}")
     return found[:n]
+
+
+def encode_chars(text: str) -> np.ndarray:
+    """Character ids in [0, CHAR_VOCAB): printable ASCII 32..126 → 1..95, newline → 0, else '?'."""
+    codes = np.frombuffer(text.encode("ascii", "replace"), dtype=np.uint8).astype(np.int64)
+    ids = codes - 31
+    ids[codes == 10] = 0
+    ids[(ids < 0) | (ids >= CHAR_VOCAB)] = ord("?") - 31
+    return ids
+
+
+def char_corpora(max_chars_a: int = 200_000) -> tuple[np.ndarray, np.ndarray]:
+    """(NumPy's docstrings, standard-library source) as character ids, in a fixed order."""
+    import importlib
+    import inspect
+
+    if max_chars_a < 1:
+        raise ValueError(f"max_chars_a: expected a positive length, got {max_chars_a}")
+    names = sorted(dir(np))
+    docs = [getattr(np, n).__doc__ for n in names if callable(getattr(np, n, None))]
+    corpus_a = encode_chars("\n".join(d for d in docs if d)[:max_chars_a])
+    modules = [importlib.import_module(m) for m in _STDLIB_MODULES]
+    corpus_b = encode_chars("\n".join(inspect.getsource(m) for m in modules))
+    return corpus_a, corpus_b

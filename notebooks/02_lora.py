@@ -188,30 +188,11 @@ assert np.abs(outs["summarize"] - outs["translate"]).max() > 1e-3
 # fine-tuning, with the same optimizer (AdamW), steps and batches.
 
 # %%
-import bisect
-import fnmatch
-import heapq
-import inspect
-import shlex
-import textwrap
-
+from minipeft.data import CHAR_VOCAB, char_corpora
 from minipeft.optim import AdamW
 
-VOCAB = 96  # printable ASCII 32..126 → 1..95, newline → 0; anything else → "?"
-
-
-def encode(text: str) -> np.ndarray:
-    codes = np.frombuffer(text.encode("ascii", "replace"), dtype=np.uint8).astype(np.int64)
-    ids = codes - 31
-    ids[codes == 10] = 0
-    ids[(ids < 0) | (ids >= VOCAB)] = ord("?") - 31
-    return ids
-
-
-docs = [getattr(np, n).__doc__ for n in sorted(dir(np)) if callable(getattr(np, n, None))]
-corpus_a = encode("\n".join(d for d in docs if d)[:200_000])
-corpus_b = encode("\n".join(inspect.getsource(m) for m in (textwrap, heapq, bisect, fnmatch,
-                                                            shlex)))  # fmt: skip
+VOCAB = CHAR_VOCAB  # printable ASCII 32..126 → 1..95, newline → 0; anything else → "?"
+corpus_a, corpus_b = char_corpora()  # NumPy's docstrings; standard-library source
 print(f"corpus A (NumPy docstrings): {corpus_a.size:,} chars; "
       f"corpus B (stdlib source): {corpus_b.size:,} chars")  # fmt: skip
 

@@ -190,31 +190,11 @@ assert held_naive - held_ours > 0.9 * w_fc.nbytes
 # The held-out loss on the new corpus is logged every 10 steps.
 
 # %%
-import bisect
-import fnmatch
-import heapq
-import inspect
-import shlex
-import textwrap
-
+from minipeft.data import CHAR_VOCAB, char_corpora
 from minipeft.optim import AdamW
 
-VOCAB, T, BATCH = 96, 32, 8
-
-
-def encode(text: str) -> np.ndarray:
-    """Printable ASCII 32..126 → 1..95, newline → 0, anything else → '?'."""
-    codes = np.frombuffer(text.encode("ascii", "replace"), dtype=np.uint8).astype(np.int64)
-    ids = codes - 31
-    ids[codes == 10] = 0
-    ids[(ids < 0) | (ids >= VOCAB)] = ord("?") - 31
-    return ids
-
-
-docs = [getattr(np, n).__doc__ for n in sorted(dir(np)) if callable(getattr(np, n, None))]
-corpus_a = encode("\n".join(d for d in docs if d)[:200_000])
-corpus_b = encode("\n".join(inspect.getsource(m) for m in (textwrap, heapq, bisect, fnmatch,
-                                                            shlex)))  # fmt: skip
+VOCAB, T, BATCH = CHAR_VOCAB, 32, 8
+corpus_a, corpus_b = char_corpora()  # notebook 02's corpora: NumPy docstrings, stdlib source
 cut_a, cut_b = int(0.9 * corpus_a.size), int(0.9 * corpus_b.size)
 train_a, train_b, held_b = corpus_a[:cut_a], corpus_b[:cut_b], corpus_b[cut_b:]
 

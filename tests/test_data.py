@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from minipeft.data import general_sentences, sentiment_lexicon_task
@@ -30,3 +31,16 @@ def test_general_sentences_are_prose():
     assert all(x.endswith(".") and 8 <= len(x.split()) <= 30 for x in s)
     with pytest.raises(ValueError, match="n:"):
         general_sentences(0)
+
+
+def test_char_corpora_are_real_text_in_the_character_vocabulary():
+    from minipeft.data import CHAR_VOCAB, char_corpora, encode_chars
+
+    a, b = char_corpora()
+    assert a.size == 200_000 and b.size > 10_000
+    assert a.min() >= 0 and max(a.max(), b.max()) < CHAR_VOCAB
+    # the encoding, against its definition: '\n' → 0, ' ' → 1, '~' → 95, 'é' → '?'
+    np.testing.assert_array_equal(encode_chars("\n ~é"), [0, 1, 95, ord("?") - 31])
+    assert (char_corpora()[1] == b).all()  # deterministic
+    with pytest.raises(ValueError, match="max_chars_a"):
+        char_corpora(0)
