@@ -17,6 +17,7 @@ moment update and no weight decay, as PyTorch does.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -48,7 +49,7 @@ def check_hyper(name: str, value: Any, *, low: float, high: float | None = None,
     return v
 
 
-class Optimizer:
+class Optimizer(ABC):
     """Base class: groups of parameters with their own hyperparameters, and state.
 
     Subclasses define ``defaults`` (passed to ``__init__``), ``_validate_group`` and
@@ -71,8 +72,9 @@ class Optimizer:
             self.add_param_group(g)
 
     # ------------------------------------------------------------------ groups
-    def _validate_group(self, group: Mapping[str, Any], where: str) -> None:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def _validate_group(self, group: Mapping[str, Any], where: str) -> None:
+        """Check (and normalize) one group's hyperparameters; ``where`` names it in errors."""
 
     def add_param_group(self, group: Mapping[str, Any]) -> None:
         """Append a group ``{"params": [...], **hyperparameters}``; missing keys take defaults."""
@@ -139,8 +141,9 @@ class Optimizer:
                     state = self.state.setdefault(id(p), {})
                     self._update(group, p, grad, state)
 
+    @abstractmethod
     def _update(self, group: dict[str, Any], p: Tensor, grad: Any, state: dict[str, Any]) -> None:
-        raise NotImplementedError  # pragma: no cover
+        """Update ``p.data`` in place from ``grad`` and this parameter's ``state``."""
 
     # ------------------------------------------------------------------ save / resume
     def state_dict(self) -> dict[str, Any]:
