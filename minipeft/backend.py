@@ -10,6 +10,17 @@ Arrays carry their namespace with them, so an operation on existing arrays asks
 ``xp_of(*arrays)`` (dispatch through ``array_api_compat``), while code that creates new
 arrays asks ``xp()`` for the current backend.
 
+Where arrays live (design: "Where arrays live"): a tensor lives where its array lives —
+NumPy on the host, CuPy on the device. ``set_backend`` chooses where *new* arrays go
+(parameters, buffers, ``minipeft.tensor``); existing arrays move only through an explicit
+call (``Module.to``, ``to_device``, ``to_numpy``). ``placement(a)`` names where ``a`` lives,
+and an operation whose inputs live in two places raises ``PlacementError`` naming both.
+
+Randomness: parameter initialisation is drawn from one NumPy generator (``rng()``) and moved
+once, so a model built under either backend has the same weights; dropout masks are drawn
+where the data lives (``rng_like(x)``: a CuPy generator on the device), reproducibly from
+``seed``.
+
 Dtype policy: float32 is the training default; every gradient check runs in float64
 (``with dtype_policy("float64"): ...``).
 """
@@ -31,14 +42,19 @@ Array: TypeAlias = Any
 __all__ = [
     "Array",
     "BackendError",
+    "PlacementError",
     "default_dtype",
     "dtype_policy",
     "get_backend",
+    "like",
+    "placement",
     "rng",
+    "rng_like",
     "scatter_add",
     "seed",
     "set_backend",
     "set_default_dtype",
+    "to_device",
     "to_numpy",
     "xp",
     "xp_of",
@@ -49,11 +65,18 @@ class BackendError(RuntimeError):
     """The requested array backend cannot be used here (missing package or device)."""
 
 
+class PlacementError(ValueError):
+    """Arrays that live in different places (host and device) met in one operation."""
+
+
 _BACKEND: str = "numpy"
 _XP: types.ModuleType = np
 _DEFAULT_DTYPE: np.dtype = np.dtype(np.float32)
 _FLOAT_DTYPES = ("float32", "float64")
-_RNG: np.random.Generator = np.random.default_rng(0)
+_SEED: int = 0
+_RNG: np.random.Generator = np.random.default_rng(_SEED)
+_DEVICE_RNG: tuple[Any, Any] | None = None  # (cupy module, its generator)
+_BACKENDS = ("numpy", "cupy")
 
 
 def set_backend(name: str) -> None:
@@ -68,6 +91,11 @@ def set_backend(name: str) -> None:
         return
     if name != "cupy":
         raise ValueError(f"backend: expected 'numpy' or 'cupy', got {name!r}")
+    _BACKEND, _XP = "cupy", _cupy()
+
+
+def _cupy() -> types.ModuleType:
+    """The CuPy module, or BackendError naming what is missing."""
     try:
         import cupy
     except ImportError as exc:  # pragma: no cover - depends on the machine
@@ -81,7 +109,7 @@ def set_backend(name: str) -> None:
         raise BackendError(f"backend 'cupy' requested but CUDA is unusable: {exc}") from exc
     if n_devices < 1:  # pragma: no cover - depends on the machine
         raise BackendError("backend 'cupy' requested but no CUDA device is visible")
-    _BACKEND, _XP = "cupy", cupy
+    return cupy
 
 
 def get_backend() -> str:
@@ -109,11 +137,40 @@ def xp_of(*arrays: Any) -> types.ModuleType:
     return np
 
 
+def placement(a: Any) -> str:
+    """Where ``a`` lives: ``"cupy"`` for a CuPy array, ``"numpy"`` for anything else."""
+    return "cupy" if array_api_compat.is_cupy_array(a) else "numpy"
+
+
 def to_numpy(a: Any) -> np.ndarray:
     """A NumPy copy (or view) of ``a`` wherever it lives."""
     if array_api_compat.is_cupy_array(a):
         return a.get()
     return np.asarray(a)
+
+
+def to_device(a: Any, name: str | None = None) -> Any:
+    """``a`` moved to backend ``name`` (default: the current one); unchanged if already there.
+
+    The one explicit door between host and device: ``"numpy"`` copies a CuPy array to the
+    host, ``"cupy"`` copies a NumPy array (or Python data) to the device.
+    """
+    name = _BACKEND if name is None else name
+    if name not in _BACKENDS:
+        raise ValueError(f"device: expected one of {_BACKENDS}, got {name!r}")
+    if name == "numpy":
+        return to_numpy(a) if array_api_compat.is_cupy_array(a) else a
+    if array_api_compat.is_cupy_array(a):
+        return a
+    return (_XP if _BACKEND == "cupy" else _cupy()).asarray(a)
+
+
+def like(a: Any, ref: Any) -> Any:
+    """``a`` as an array in ``ref``'s namespace (Python data and host arrays beside a device
+    ``ref`` are copied there once; use it at a model's entry, never on the hot path)."""
+    if array_api_compat.is_cupy_array(ref):
+        return to_device(a, "cupy")
+    return to_device(a, "numpy") if array_api_compat.is_cupy_array(a) else np.asarray(a)
 
 
 def scatter_add(target: Any, index: Any, values: Any) -> None:
@@ -153,12 +210,27 @@ def dtype_policy(dtype: Any) -> Iterator[None]:
 
 def seed(value: int) -> None:
     """Reseed minipeft's global generator (parameter init, dropout masks)."""
-    global _RNG
+    global _RNG, _SEED, _DEVICE_RNG
     if not isinstance(value, int | np.integer) or value < 0:
         raise ValueError(f"seed: expected a non-negative integer, got {value!r}")
-    _RNG = np.random.default_rng(int(value))
+    _SEED = int(value)
+    _RNG = np.random.default_rng(_SEED)
+    _DEVICE_RNG = None  # recreated from the new seed on first use
 
 
 def rng() -> np.random.Generator:
     """minipeft's global NumPy generator (results are reproducible from ``seed``)."""
     return _RNG
+
+
+def rng_like(a: Any) -> Any:
+    """The generator for random draws beside ``a``: ``rng()`` on the host, a CuPy generator
+    (seeded from the same ``seed``) on the device, so masks are drawn where they are used."""
+    global _DEVICE_RNG
+    if not array_api_compat.is_cupy_array(a):
+        return _RNG
+    import cupy
+
+    if _DEVICE_RNG is None or _DEVICE_RNG[0] is not cupy:
+        _DEVICE_RNG = (cupy, cupy.random.default_rng(_SEED))
+    return _DEVICE_RNG[1]

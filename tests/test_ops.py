@@ -8,7 +8,9 @@ Each row of ``OPS`` names an op and gives
   * ``kink``    — how inputs are kept off points where the op is not differentiable
                   (applied to the drawn inputs before anything is computed).
 
-and drives three property tests:
+and drives three property tests, each run on every backend of ``device.BACKENDS`` (NumPy,
+the strict CuPy stand-in, and real CuPy where a GPU is present; on a device the inputs
+and array arguments are moved there first, and every output and gradient must stay there):
   1. forward equals the reference (float64 and float32, and the dtype is preserved);
   2. the backward VJP equals central differences in float64 (``gradcheck``), and the
      analytic gradient does not depend on the memory layout of the inputs;
@@ -30,6 +32,7 @@ import hypothesis.extra.numpy as hnp
 import numpy as np
 import pytest
 import scipy.special as sps
+from device import BACKENDS, host, on_backend
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import (
@@ -43,6 +46,7 @@ from strategies import (
     with_layout,
 )
 
+from minipeft import backend
 from minipeft.autograd import Function, Tensor, gradcheck, no_grad, ops
 
 # Max relative error of the VJP against float64 central differences. The registered checks
@@ -294,8 +298,13 @@ def ref_layer_norm(x, w, b, eps):
     return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * w + b
 
 
+def _generator(seed):
+    """The current backend's generator for ``seed``: masks are drawn where the data lives."""
+    return backend.xp().random.default_rng(seed)
+
+
 def ref_dropout(x, p, seed):
-    keep = np.random.default_rng(seed).random(x.shape) >= p
+    keep = host(_generator(seed).random(x.shape)) >= p
     return x * keep / (1.0 - p)
 
 
@@ -316,7 +325,7 @@ def impl_where(a, b, cond):
 
 
 def impl_dropout(x, p, seed):
-    return ops.dropout(x, p, rng=np.random.default_rng(seed))
+    return ops.dropout(x, p, rng=_generator(seed))
 
 
 def _nudge(fn):
@@ -371,6 +380,28 @@ def _run(op: OpCase, tensors: list[Tensor], kw: dict[str, Any]) -> Tensor:
     return op.impl(*tensors, **kw)
 
 
+def _placed(case: Case) -> Case:
+    """The case on the current backend: its arrays and array arguments (masks, ids,
+    targets, index arrays) moved there, as a model moves its inputs once at its entry."""
+
+    def move(v):
+        if isinstance(v, np.ndarray) and v.ndim > 0:
+            return backend.to_device(v)
+        if isinstance(v, tuple):
+            return tuple(move(i) for i in v)
+        return v
+
+    return Case([move(a) for a in case.arrays], {k: move(v) for k, v in case.kw.items()})
+
+
+def _assert_placed(*arrays) -> None:
+    """Every array lives on the current backend (a device result never fell to the host)."""
+    want = backend.get_backend()
+    for a in arrays:
+        if a is not None:
+            assert backend.placement(a) == want, f"an array fell to {backend.placement(a)}"
+
+
 def _instrument(out: Tensor) -> list[tuple[Function, tuple]]:
     """Wrap ``backward`` of every Function in the graph of ``out`` to record what it returns."""
     calls: list[tuple[Function, tuple]] = []
@@ -395,49 +426,65 @@ def _instrument(out: Tensor) -> list[tuple[Function, tuple]]:
 
 
 # ---------------------------------------------------------------------------- 1. forward
+@pytest.mark.parametrize("where", BACKENDS)
 @pytest.mark.parametrize("op", OPS, ids=lambda o: o.name)
 @settings(max_examples=MAX_EXAMPLES)
 @given(data=st.data())
-def test_forward_matches_numpy_reference(op, data):
+def test_forward_matches_numpy_reference(op, where, data):
     case = op.kink(data.draw(op.inputs))
-    expected = np.asarray(op.ref(*case.arrays, **case.kw))
-    out = _run(op, [Tensor(a) for a in case.arrays], case.kw)
-    assert out.dtype == np.float64 and out.shape == expected.shape
-    np.testing.assert_allclose(out.data, expected, rtol=1e-10, atol=1e-12)
-    # float32 in, float32 out, equal to the float64 reference to float32 accuracy
-    out32 = _run(op, [Tensor(a.astype(np.float32)) for a in case.arrays], case.kw)
-    if op.name != "astype":
-        assert out32.dtype == np.float32, f"{op.name}: float32 input gave {out32.dtype}"
-    scale = max(1.0, float(np.max(np.abs(expected), initial=0.0)))
-    np.testing.assert_allclose(out32.data, expected, rtol=2e-5, atol=2e-6 * scale)
+    with on_backend(where):
+        expected = np.asarray(op.ref(*case.arrays, **case.kw))
+        placed = _placed(case)
+        out = _run(op, [Tensor(a) for a in placed.arrays], placed.kw)
+        _assert_placed(out.data)
+        assert out.dtype == np.float64 and out.shape == expected.shape
+        np.testing.assert_allclose(host(out.data), expected, rtol=1e-10, atol=1e-12)
+        # float32 in, float32 out, equal to the float64 reference to float32 accuracy
+        out32 = _run(op, [Tensor(a.astype(np.float32)) for a in placed.arrays], placed.kw)
+        if op.name != "astype":
+            assert out32.dtype == np.float32, f"{op.name}: float32 input gave {out32.dtype}"
+        scale = max(1.0, float(np.max(np.abs(expected), initial=0.0)))
+        np.testing.assert_allclose(host(out32.data), expected, rtol=2e-5, atol=2e-6 * scale)
 
 
 # ---------------------------------------------------------------------------- 2. gradient
+@pytest.mark.parametrize("where", BACKENDS)
 @pytest.mark.parametrize("op", OPS, ids=lambda o: o.name)
 @settings(max_examples=MAX_EXAMPLES)
 @given(data=st.data())
-def test_vjp_matches_central_differences(op, data):
+def test_vjp_matches_central_differences(op, where, data):
     case = op.kink(data.draw(op.inputs))
     n = len(case.arrays)
-    res = gradcheck(lambda *ts: _run(op, list(ts), case.kw), case.arrays)
-    assert res.max_rel_error < GRAD_TOL, f"{op.name}: {res}"
-    # the analytic gradient does not depend on how the inputs are laid out in memory
-    w = np.random.default_rng(0).standard_normal(np.shape(op.ref(*case.arrays, **case.kw)))
-    grads = []
-    for arrays in (case.arrays, [np.ascontiguousarray(a) for a in case.arrays]):
-        ts = [Tensor(a, requires_grad=True) for a in arrays]
-        (_run(op, ts, case.kw) * Tensor(w)).sum().backward()
-        grads.append([t.grad if t.grad is not None else np.zeros_like(t.data) for t in ts])
-    for i in range(n):
-        np.testing.assert_allclose(grads[0][i], grads[1][i], rtol=1e-13, atol=1e-14)
+    with on_backend(where):
+        placed = _placed(case)
+        # gradcheck runs f where its inputs live: the device's forward and backward
+        res = gradcheck(lambda *ts: _run(op, list(ts), placed.kw), placed.arrays)
+        assert res.max_rel_error < GRAD_TOL, f"{op.name}: {res}"
+        # the analytic gradient does not depend on how the inputs are laid out in memory
+        w = backend.to_device(
+            np.random.default_rng(0).standard_normal(np.shape(op.ref(*case.arrays, **case.kw)))
+        )
+        grads = []
+        for arrays in (placed.arrays, [backend.xp().ascontiguousarray(a) for a in placed.arrays]):
+            ts = [Tensor(a, requires_grad=True) for a in arrays]
+            (_run(op, ts, placed.kw) * Tensor(w)).sum().backward()
+            _assert_placed(*(t.grad for t in ts))
+            grads.append([host(t.grad) if t.grad is not None else 0 * host(t.data) for t in ts])
+        for i in range(n):
+            np.testing.assert_allclose(grads[0][i], grads[1][i], rtol=1e-13, atol=1e-14)
 
 
 # ---------------------------------------------------------------------------- 3. frozen
+@pytest.mark.parametrize("where", BACKENDS)
 @pytest.mark.parametrize("op", OPS, ids=lambda o: o.name)
 @settings(max_examples=MAX_EXAMPLES)
 @given(data=st.data())
-def test_frozen_inputs_get_no_gradient_and_none_is_computed(op, data):
-    case = op.kink(data.draw(op.inputs))
+def test_frozen_inputs_get_no_gradient_and_none_is_computed(op, where, data):
+    with on_backend(where):
+        _frozen_inputs(op, _placed(op.kink(data.draw(op.inputs))))
+
+
+def _frozen_inputs(op: OpCase, case: Case) -> None:
     n = len(case.arrays)
     with no_grad():
         out = _run(op, [Tensor(a, requires_grad=True) for a in case.arrays], case.kw)
@@ -446,7 +493,7 @@ def test_frozen_inputs_get_no_gradient_and_none_is_computed(op, data):
     assert out._ctx is None and not out.requires_grad
     if n < 2:
         return
-    w = np.random.default_rng(1).standard_normal(out.shape)
+    w = backend.to_device(np.random.default_rng(1).standard_normal(out.shape))
     full = [Tensor(a, requires_grad=True) for a in case.arrays]
     (_run(op, full, case.kw) * Tensor(w)).sum().backward()
     for frozen in range(n):
@@ -462,7 +509,10 @@ def test_frozen_inputs_get_no_gradient_and_none_is_computed(op, data):
         assert calls, "backward ran no Function"
         for i in range(n):
             if i != frozen:
-                np.testing.assert_allclose(ts[i].grad, full[i].grad, rtol=1e-13, atol=1e-14)
+                _assert_placed(ts[i].grad)
+                np.testing.assert_allclose(
+                    host(ts[i].grad), host(full[i].grad), rtol=1e-13, atol=1e-14
+                )
 
 
 # ---------------------------------------------------------------------------- special cases

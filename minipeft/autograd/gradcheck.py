@@ -15,6 +15,11 @@ roundoff u; the best ε ≈ u^{1/3} gives error ≈ u^{2/3}: about 4·10⁻¹¹ 
 about 2·10⁻⁵ in float32 — too coarse to tell a right gradient from a slightly wrong one.
 Non-scalar outputs are reduced to a scalar with a fixed random cotangent ⟨f(x), w⟩, which
 checks the whole vector-Jacobian product.
+
+Inputs on the device (CuPy arrays) are checked on the device: the perturbations are made
+on float64 host copies and every evaluation of f runs on device copies of them, so the
+device's forward and backward are what is checked. A NaN anywhere (an analytic gradient
+or a finite difference) makes the result NaN, which fails every ``error < tol``.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ class GradcheckResult:
 def _scalarize(out: Tensor, weights: np.ndarray | None) -> Tensor:
     if out.size == 1:
         return out.reshape(())
-    return (out * Tensor(weights)).sum()
+    return (out * Tensor(backend.like(weights, out.data))).sum()
 
 
 def _contract(up: np.ndarray, down: np.ndarray, weights: np.ndarray | None) -> float:
@@ -70,10 +75,14 @@ def _contract(up: np.ndarray, down: np.ndarray, weights: np.ndarray | None) -> f
     return float(d.sum()) if weights is None else float(np.sum(weights * d))
 
 
-def _value(f: Callable[..., Tensor], arrays: Sequence[np.ndarray]) -> np.ndarray:
-    """f(*arrays) as a float64 copy: f may return a view of an input (reshape, getitem)
-    that the next perturbation would change under our feet."""
-    return np.array(backend.to_numpy(f(*[Tensor(a) for a in arrays]).data), dtype=np.float64)
+def _value(
+    f: Callable[..., Tensor], arrays: Sequence[np.ndarray], device: str = "numpy"
+) -> np.ndarray:
+    """f(*arrays) as a float64 host copy: f may return a view of an input (reshape,
+    getitem) that the next perturbation would change under our feet. With ``device``
+    "cupy", f runs on device copies of the (host) arrays."""
+    ts = [Tensor(backend.to_device(a, device)) for a in arrays]
+    return np.array(backend.to_numpy(f(*ts).data), dtype=np.float64)
 
 
 def numerical_grad(
@@ -82,14 +91,17 @@ def numerical_grad(
     index: int,
     eps: float = 1e-6,
     weights: np.ndarray | None = None,
+    device: str | None = None,
 ) -> np.ndarray:
     """Central-difference gradient of the scalar f(*inputs) w.r.t. ``inputs[index]``.
 
     With ``weights`` w, f may return any shape and the gradient of ⟨w, f⟩ is returned.
+    f runs on ``device`` (default: where the inputs live); the result is a host array.
     """
+    device = _placement_of(inputs) if device is None else device
     # C order: x.reshape(-1) below must be a view, or the perturbation would be lost (a
     # Fortran-ordered or strided input would give a zero numerical gradient)
-    xs = [np.array(x, dtype=np.float64, copy=True, order="C") for x in inputs]
+    xs = [np.array(backend.to_numpy(x), dtype=np.float64, copy=True, order="C") for x in inputs]
     x = xs[index]
     grad = np.zeros_like(x)
     flat, gflat = x.reshape(-1), grad.reshape(-1)
@@ -97,9 +109,9 @@ def numerical_grad(
         for k in range(flat.size):
             old = flat[k]
             flat[k] = old + eps
-            up = _value(f, xs)
+            up = _value(f, xs, device)
             flat[k] = old - eps
-            down = _value(f, xs)
+            down = _value(f, xs, device)
             flat[k] = old
             # ∂L/∂x_k ≈ (L(x + ε e_k) − L(x − ε e_k)) / 2ε
             gflat[k] = _contract(up, down, weights) / (2 * eps)
@@ -122,9 +134,11 @@ def gradcheck(
     ``f`` takes Tensors (one per entry of ``inputs``) and returns a Tensor. Inputs are
     converted to float64; those listed in ``wrt`` (default: all floating inputs) are
     checked: entry by entry when the total size is at most ``full_max_size``, otherwise
-    along ``n_directions`` random Gaussian directions.
+    along ``n_directions`` random Gaussian directions. Device inputs are checked on the
+    device; a NaN in any gradient makes ``max_rel_error`` NaN (the check fails).
     """
-    arrays = [np.array(x, copy=True, order="C") for x in inputs]
+    device = _placement_of(inputs)
+    arrays = [np.array(backend.to_numpy(x), copy=True, order="C") for x in inputs]
     for i, a in enumerate(arrays):
         if a.dtype.kind == "f":
             arrays[i] = a.astype(np.float64)
@@ -136,24 +150,31 @@ def gradcheck(
             raise TypeError(f"wrt: input {i} has dtype {arrays[i].dtype}, not floating")
     rng = np.random.default_rng(seed)
 
-    probe = f(*[Tensor(a) for a in arrays])
+    def put(a: np.ndarray) -> Tensor:
+        return Tensor(backend.to_device(a, device))
+
+    probe = f(*[put(a) for a in arrays])
     weights = None if probe.size == 1 else rng.standard_normal(probe.shape)
 
     def scalar_f(*ts: Tensor) -> Tensor:
         return _scalarize(f(*ts), weights)
 
-    tensors = [Tensor(a, requires_grad=(i in wrt)) for i, a in enumerate(arrays)]
+    tensors = [
+        Tensor(backend.to_device(a, device), requires_grad=(i in wrt)) for i, a in enumerate(arrays)
+    ]
     out = scalar_f(*tensors)
     out.backward()
     analytic = [
-        tensors[i].grad if tensors[i].grad is not None else np.zeros_like(arrays[i]) for i in wrt
-    ]
+        backend.to_numpy(tensors[i].grad) if tensors[i].grad is not None
+        else np.zeros_like(arrays[i])
+        for i in wrt
+    ]  # fmt: skip
 
     total = sum(arrays[i].size for i in wrt)
     errors = []
     if total <= full_max_size:
         for i, g in zip(wrt, analytic):
-            num = numerical_grad(f, arrays, i, eps, weights=weights)
+            num = numerical_grad(f, arrays, i, eps, weights=weights, device=device)
             # An entry far smaller than the gradient's largest carries the finite-difference
             # rounding error of the largest (≈ u·|L|/ε), so it is judged against a floor of
             # 10⁻³ of the gradient's scale rather than against its own tiny magnitude.
@@ -172,16 +193,25 @@ def gradcheck(
                 with no_grad():
                     shifted = list(arrays)
                     shifted[i] = arrays[i] + eps * v
-                    up = _value(f, shifted)
+                    up = _value(f, shifted, device)
                     shifted[i] = arrays[i] - eps * v
-                    down = _value(f, shifted)
+                    down = _value(f, shifted, device)
                 # ⟨∇L, v⟩ ≈ (L(x + εv) − L(x − εv)) / 2ε
                 fd = _contract(up, down, weights) / (2 * eps)
                 an = float(np.sum(g * v))
                 # E|⟨∇L, v⟩| ~ ‖∇L‖; as in full mode, a projection far below that (v nearly
                 # orthogonal to ∇L) is judged against 10⁻³·‖∇L‖, not its own tiny size
                 floor = max(1e-8, 1e-3 * float(np.linalg.norm(g)))
-                worst = max(worst, abs(an - fd) / max(abs(an), abs(fd), floor))
+                # np.fmax would skip a NaN; a NaN error must stay NaN (the check fails)
+                err = abs(an - fd) / max(abs(an), abs(fd), floor)
+                worst = np.nan if np.isnan(err) or np.isnan(worst) else max(worst, err)
             errors.append(worst)
         mode = "directional"
-    return GradcheckResult(max(errors, default=0.0), tuple(errors), mode)
+    # np.max, not max(): Python's max skips a NaN or not depending on its position
+    worst_all = float(np.max(errors)) if errors else 0.0
+    return GradcheckResult(worst_all, tuple(errors), mode)
+
+
+def _placement_of(inputs: Sequence[object]) -> str:
+    """ "cupy" when any input lives on the device (the check then runs there)."""
+    return "cupy" if any(backend.placement(x) == "cupy" for x in inputs) else "numpy"

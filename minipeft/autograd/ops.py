@@ -807,22 +807,40 @@ class Embedding(Function):
         return out
 
 
-def embedding(weight: Tensor, ids: Any) -> Tensor:
-    """Rows of ``weight`` (V, D) picked by integer ``ids`` of any shape → (*ids.shape, D)."""
+def embedding(weight: Tensor, ids: Any, *, check_range: bool = True) -> Tensor:
+    """Rows of ``weight`` (V, D) picked by integer ``ids`` of any shape → (*ids.shape, D).
+
+    ``ids`` must live where ``weight`` does (a model moves its inputs once at its entry).
+    ``check_range=False`` skips the range check for ids already validated (a model checks
+    its inputs on the host before moving them; on the device the check would cost a
+    device → host round trip per call).
+    """
     if isinstance(ids, Tensor):
         ids = ids.data
-    xp = backend.xp_of(ids)
-    ids = xp.asarray(ids)
+    if backend.placement(ids) != backend.placement(weight.data) and getattr(ids, "ndim", 0):
+        raise backend.PlacementError(
+            f"ids: live on {backend.placement(ids)}, weight on "
+            f"{backend.placement(weight.data)}; move the ids once with backend.to_device"
+        )
+    ids = backend.xp_of(weight.data).asarray(ids)
     if ids.dtype.kind not in "iu":
         raise TypeError(f"ids: expected integer token ids, got dtype {ids.dtype}")
     if weight.ndim != 2:
         raise ValueError(f"weight: expected shape (vocab, dim), got {weight.shape}")
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]):
-        raise ValueError(
-            f"ids: values must lie in [0, {weight.shape[0]}), got range "
-            f"[{int(ids.min())}, {int(ids.max())}]"
-        )
+    if check_range:
+        check_index_range(ids, weight.shape[0], "ids")
     return Embedding.apply(weight, ids=ids)
+
+
+def check_index_range(ids: Array, high: int, name: str, ignore: int | None = None) -> None:
+    """ValueError naming ``name`` unless every id (other than ``ignore``) lies in [0, high)."""
+    kept = ids if ignore is None else ids[ids != ignore]
+    if kept.size and (int(kept.min()) < 0 or int(kept.max()) >= high):
+        extra = "" if ignore is None else f" or equal ignore_index={ignore}"
+        raise ValueError(
+            f"{name}: values must lie in [0, {high}){extra}, got range "
+            f"[{int(kept.min())}, {int(kept.max())}]"
+        )
 
 
 # ---------------------------------------------------------------------------- softmax family
@@ -875,7 +893,8 @@ class CrossEntropy(Function):
         t = targets.reshape(-1)
         valid = t != ignore_index
         safe_t = xp.where(valid, t, 0)
-        if not bool(valid.all()):
+        on_host = xp is np  # on the device, no decision may wait for a device → host copy
+        if not on_host or not bool(valid.all()):
             # ignored rows take no part: zeroed, so even a row of −∞ cannot make a NaN
             z = xp.where(valid[:, None], z, 0)
         shifted = z - z.max(axis=1, keepdims=True)
@@ -883,7 +902,7 @@ class CrossEntropy(Function):
         se = e.sum(axis=1)  # Σⱼ e^{z_j − max z} ≥ 1
         lse = xp.log(se)  # logsumexp(z) − max z
         picked = xp.take_along_axis(shifted, safe_t[:, None], axis=1)[:, 0]
-        n_valid = int(valid.sum())
+        n_valid = int(valid.sum()) if on_host else valid.sum()  # a 0-d device array there
         self.shape, self.valid, self.t, self.n = logits.shape, valid, safe_t, n_valid
         if self.needs_input_grad[0]:
             # softmax(z) = e / Σe, reusing e: one exp per logit, and e/Σe is the more
@@ -892,6 +911,9 @@ class CrossEntropy(Function):
             e /= se[:, None]
             self.p = e
         losses = xp.where(valid, lse - picked, 0)
+        if not on_host:  # 0/0 = NaN, as on the host, without asking the host
+            mean = losses.sum() / xp.maximum(n_valid, 1)
+            return xp.where(n_valid > 0, mean, xp.nan).astype(logits.dtype)
         with np.errstate(invalid="ignore", divide="ignore"):
             return xp.asarray(losses.sum() / n_valid if n_valid else np.nan, dtype=logits.dtype)
 
@@ -899,7 +921,8 @@ class CrossEntropy(Function):
         xp = backend.xp_of(g)
         d = self.p  # ours and used once (the graph is freed after backward): z̄ takes its place
         d[xp.arange(d.shape[0]), self.t] -= 1
-        d *= self.valid[:, None] * (g / builtins.max(self.n, 1))
+        n = builtins.max(self.n, 1) if xp is np else xp.maximum(self.n, 1)
+        d *= self.valid[:, None] * (g / n)
         return d.reshape(self.shape)
 
 
@@ -921,10 +944,14 @@ def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
     return LogSoftmax.apply(x, axis=_single_axis(axis, x.ndim))
 
 
-def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Tensor:
+def cross_entropy(
+    logits: Tensor, targets: Any, ignore_index: int = -100, *, check_range: bool = True
+) -> Tensor:
     """Mean cross-entropy of ``logits`` (..., C) against integer ``targets`` (...).
 
-    Targets equal to ``ignore_index`` contribute neither loss nor gradient.
+    Targets equal to ``ignore_index`` contribute neither loss nor gradient. Host targets
+    beside device logits are moved once; ``check_range=False`` skips the range check for
+    targets a model has already validated on the host.
     """
     logits = as_tensor(logits)
     if isinstance(targets, Tensor):
@@ -938,12 +965,8 @@ def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Ten
             f"targets: expected shape {logits.shape[:-1]} (logits without the class axis), "
             f"got {tuple(targets.shape)}"
         )
-    valid = targets[targets != ignore_index]
-    if valid.size and (int(valid.min()) < 0 or int(valid.max()) >= logits.shape[-1]):
-        raise ValueError(
-            f"targets: class ids must lie in [0, {logits.shape[-1]}) or equal "
-            f"ignore_index={ignore_index}, got range [{int(valid.min())}, {int(valid.max())}]"
-        )
+    if check_range:
+        check_index_range(targets, logits.shape[-1], "targets", ignore=ignore_index)
     return CrossEntropy.apply(logits, targets=targets, ignore_index=ignore_index)
 
 
@@ -1018,10 +1041,12 @@ class Dropout(Function):
         return g * self.scale
 
 
-def dropout(
-    x: Tensor, p: float, training: bool = True, rng: np.random.Generator | None = None
-) -> Tensor:
-    """Inverted dropout: zero each entry with probability ``p`` and rescale the rest."""
+def dropout(x: Tensor, p: float, training: bool = True, rng: Any = None) -> Tensor:
+    """Inverted dropout: zero each entry with probability ``p`` and rescale the rest.
+
+    The mask is drawn where ``x`` lives: by default from ``backend.rng_like(x)`` (NumPy's
+    seeded generator on the host, CuPy's seeded from the same seed on the device).
+    """
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p: dropout probability must lie in [0, 1], got {p}")
     x = as_tensor(x)
@@ -1029,4 +1054,11 @@ def dropout(
         return x
     if p == 1.0:
         return x * 0.0
-    return Dropout.apply(x, p=float(p), rng=rng if rng is not None else backend.rng())
+    if rng is None:
+        rng = backend.rng_like(x.data)  # drawn where x lives, reproducibly from seed()
+    elif isinstance(rng, np.random.Generator) and backend.placement(x.data) == "cupy":
+        raise backend.PlacementError(
+            "rng: a NumPy generator would draw the mask on the host for a device tensor; "
+            "pass None (minipeft's seeded device generator) or a cupy.random.Generator"
+        )
+    return Dropout.apply(x, p=float(p), rng=rng)

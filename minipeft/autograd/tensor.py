@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import array_api_compat
 import numpy as np
 
 from .. import backend
@@ -62,12 +63,10 @@ def _as_array(data: Any, dtype: Any = None) -> Any:
     if xp is np and not isinstance(data, np.ndarray | np.generic):
         xp = backend.xp()  # Python scalars and lists go to the current backend
     arr = xp.asarray(data, dtype=dtype)
-    if dtype is None and arr.dtype.kind in "fc" and not isinstance(data, np.ndarray | np.generic):
-        if not hasattr(data, "__array_namespace__"):
-            arr = arr.astype(backend.default_dtype(), copy=False)
-    if dtype is None and arr.dtype.kind in "iub" and not hasattr(data, "dtype"):
-        # Python ints/bools given as data stay integer arrays (indices, masks)
-        pass
+    if dtype is None and arr.dtype.kind in "fc" and not hasattr(data, "dtype"):
+        # Python floats and lists take the default dtype; an array (NumPy or CuPy) keeps its
+        # own, and Python ints/bools stay integer arrays (indices, masks)
+        arr = arr.astype(backend.default_dtype(), copy=False)
     return arr
 
 
@@ -164,6 +163,11 @@ class Tensor:
             grad = backend.xp_of(self.data).ones_like(self.data)
         else:
             grad = _as_array(grad.data if isinstance(grad, Tensor) else grad, self.dtype)
+            if backend.placement(grad) != backend.placement(self.data):
+                raise backend.PlacementError(
+                    f"grad: lives on {backend.placement(grad)}, the output on "
+                    f"{backend.placement(self.data)}"
+                )
             if tuple(grad.shape) != self.shape:
                 raise ValueError(f"grad: expected shape {self.shape}, got {tuple(grad.shape)}")
 
@@ -361,8 +365,14 @@ class Tensor:
 
 
 def tensor(data: Any, requires_grad: bool = False, dtype: Any = None) -> Tensor:
-    """Create a Tensor (floats default to the current default dtype)."""
-    return Tensor(data, requires_grad=requires_grad, dtype=dtype)
+    """Create a Tensor on the current backend (floats default to the current default dtype).
+
+    Host data (a NumPy array) given under ``set_backend("cupy")`` is copied to the device:
+    creating a tensor is an explicit call. ``Tensor(array)`` keeps the array where it is.
+    """
+    if isinstance(data, Tensor):
+        raise TypeError("data: expected an array or a number, got a Tensor (use .data)")
+    return Tensor(backend.to_device(data), requires_grad=requires_grad, dtype=dtype)
 
 
 def as_tensor(x: Any, like: Tensor | None = None) -> Tensor:
@@ -383,8 +393,20 @@ def as_tensor(x: Any, like: Tensor | None = None) -> Tensor:
         if not typed_float:
             # straight to like's dtype: going through the default dtype first would round
             # a Python float to float32 beside a float64 tensor
+            _check_constant(x, like)
             return Tensor(backend.xp_of(like.data).asarray(x, dtype=like.dtype))
     return Tensor(x)
+
+
+def _check_constant(x: Any, like: Tensor) -> None:
+    """A host array beside a device tensor would be copied to the device at every call:
+    refuse it (numbers and lists are fine; they are kernel arguments)."""
+    if getattr(x, "ndim", 0) > 0 and backend.placement(x) != backend.placement(like.data):
+        raise backend.PlacementError(
+            f"constant: a {backend.placement(x)} array of shape {tuple(x.shape)} beside a "
+            f"tensor on {backend.placement(like.data)}; move it once with "
+            f"minipeft.backend.to_device"
+        )
 
 
 def _topological_order(root: Tensor) -> list[Tensor]:
@@ -477,4 +499,23 @@ def _output(data: Any, fn: Function | None, index: int) -> Tensor:
 def _coerce_inputs(inputs: Sequence[Any]) -> tuple[Tensor, ...]:
     """Tensors as they are; numbers and arrays become constants (dtype of a Tensor peer)."""
     like = next((x for x in inputs if isinstance(x, Tensor)), None)
-    return tuple(as_tensor(x, like) for x in inputs)
+    tensors = tuple(as_tensor(x, like) for x in inputs)
+    if len(tensors) > 1:
+        on_device = [array_api_compat.is_cupy_array(t.data) for t in tensors]
+        if any(on_device) and not all(on_device):
+            _placement_error(tensors, on_device)
+    return tensors
+
+
+def _placement_error(tensors: Sequence[Tensor], on_device: list[bool]) -> None:
+    """Name the inputs on each side: mixing host and device arrays is a mistake to fix."""
+
+    def describe(t: Tensor) -> str:
+        return f"{t.name or 'a tensor'} of shape {t.shape}"
+
+    host = next(t for t, d in zip(tensors, on_device) if not d)
+    device = next(t for t, d in zip(tensors, on_device) if d)
+    raise backend.PlacementError(
+        f"inputs: {describe(host)} lives on numpy (host) and {describe(device)} on cupy "
+        f"(device); move the model or the data with .to('cupy') / .to('numpy')"
+    )

@@ -304,6 +304,13 @@ class GPT2Model(Module):
         self.ln_f = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
 
+def _input_array(a: Any) -> Any:
+    """An input (ids, labels, masks) as an array where it was given: a Tensor's data, a
+    device array as is, anything else through NumPy (validated there, moved once after)."""
+    a = a.data if isinstance(a, Tensor) else a
+    return a if backend.placement(a) == "cupy" else np.asarray(a)
+
+
 # ---------------------------------------------------------------------------- the model
 class GPT2(Module):
     """GPT-2 with its language-model head: HF's ``GPT2LMHeadModel``, names and layouts.
@@ -324,6 +331,11 @@ class GPT2(Module):
                 0.0, config.initializer_range, (config.vocab_size, config.n_embd)
             )
             self.lm_head = _LMHead(Parameter(w.astype(backend.default_dtype())))
+
+    @property
+    def _xp(self) -> Any:
+        """The array module where the model lives (NumPy or CuPy)."""
+        return backend.xp_of(self.lm_head_weight.data)
 
     @property
     def lm_head_weight(self) -> Parameter:
@@ -364,10 +376,11 @@ class GPT2(Module):
                     + (f" + prefix length {p}" if p else "")
                     + f" exceeds n_positions={cfg.n_positions}"
                 )
-            position_ids = np.arange(p, p + t)  # (T,)
+            position_ids = self._xp.arange(p, p + t)  # (T,) where the model lives
         else:
             position_ids = self._check_position_ids(position_ids, b, t)
-        x = x + self.transformer.wpe(position_ids)  # (B, T, C) + (T or B, T, C)
+        # positions are generated or checked above: no device round trip to re-check them
+        x = x + self.transformer.wpe(position_ids, check_range=False)  # (B, T, C) + (T or B, T, C)
         x = self.transformer.drop(x)
         mask = self._attention_mask(attention_mask, b, t, p)
         for i, block in enumerate(self.transformer.h):
@@ -401,7 +414,7 @@ class GPT2(Module):
             if input_ids is None:
                 raise ValueError("labels: required when the model is fed inputs_embeds")
             labels = input_ids
-        labels = np.asarray(labels.data if isinstance(labels, Tensor) else labels)
+        labels = _input_array(labels)
         if labels.dtype.kind not in "iu":
             raise TypeError(f"labels: expected integer token ids, got dtype {labels.dtype}")
         logits = self.forward(
@@ -417,9 +430,12 @@ class GPT2(Module):
             )
         # Shift the targets instead of slicing the logits (no (B, T−1, V) copy):
         # target[:, t] = labels[:, t + 1], and the last position predicts nothing.
-        targets = np.full(labels.shape, -100, dtype=np.int64)  # (B, T)
-        targets[:, :-1] = labels[:, 1:]
-        return ops.cross_entropy(logits, targets, ignore_index=-100)
+        xp = self._xp
+        targets = xp.full(labels.shape, -100, dtype=xp.int64)  # (B, T)
+        targets[:, :-1] = backend.like(labels[:, 1:], logits.data)  # moved once at the entry
+        # the labels were checked where they were given (the host, for NumPy labels)
+        ops.check_index_range(labels[:, 1:], self.config.vocab_size, "labels", ignore=-100)
+        return ops.cross_entropy(logits, targets, ignore_index=-100, check_range=False)
 
     # ------------------------------------------------------------------ input checks
     def _embed_inputs(
@@ -446,8 +462,7 @@ class GPT2(Module):
             b, t, _ = inputs_embeds.shape
             x = inputs_embeds
         else:
-            ids = input_ids.data if isinstance(input_ids, Tensor) else input_ids
-            ids = backend.xp_of(ids).asarray(ids)
+            ids = _input_array(input_ids)
             if ids.dtype.kind not in "iu":
                 raise TypeError(f"input_ids: expected integer token ids, got dtype {ids.dtype}")
             if ids.ndim != 2:
@@ -458,7 +473,9 @@ class GPT2(Module):
                     f"input_ids: values must lie in [0, {cfg.vocab_size}) (vocab_size), got "
                     f"range [{int(ids.min())}, {int(ids.max())}]"
                 )
-            x = self.transformer.wte(ids)  # (B, T, C)
+            # validated where the ids were given, then moved to the model once
+            ids = backend.like(ids, self.lm_head_weight.data)
+            x = self.transformer.wte(ids, check_range=False)  # (B, T, C)
         if b == 0 or t == 0:
             raise ValueError(f"input_ids: expected a non-empty (batch, sequence), got ({b}, {t})")
         if t > cfg.n_positions:
@@ -518,7 +535,7 @@ class GPT2(Module):
         return int(plen), out
 
     def _check_position_ids(self, position_ids: Any, b: int, t: int) -> Any:
-        pos = np.asarray(position_ids.data if isinstance(position_ids, Tensor) else position_ids)
+        pos = _input_array(position_ids)
         if pos.dtype.kind not in "iu":
             raise TypeError(f"position_ids: expected integers, got dtype {pos.dtype}")
         if pos.shape not in ((t,), (1, t), (b, t)):
@@ -528,15 +545,13 @@ class GPT2(Module):
                 f"position_ids: values must lie in [0, {self.config.n_positions}) (n_positions), "
                 f"got range [{int(pos.min())}, {int(pos.max())}]"
             )
-        return pos
+        return backend.like(pos, self.lm_head_weight.data)
 
     def _attention_mask(self, attention_mask: Any, b: int, t: int, p: int) -> Any:
         """Key-padding mask (B, T) → bool (B, 1, T, P + T), or None (causal mask only)."""
         if attention_mask is None:
             return None
-        m = np.asarray(
-            attention_mask.data if isinstance(attention_mask, Tensor) else attention_mask
-        )
+        m = _input_array(attention_mask)
         if m.dtype.kind not in "biu":
             raise TypeError(f"attention_mask: expected 0/1 integers or booleans, got {m.dtype}")
         if m.shape != (b, t):
@@ -545,10 +560,12 @@ class GPT2(Module):
             if m.size and bool(((m != 0) & (m != 1)).any()):
                 raise ValueError("attention_mask: integer masks must hold only 0 and 1")
             m = m.astype(bool)
-        keys = np.concatenate([np.ones((b, p), dtype=bool), m], axis=1)  # (B, P + T)
-        allowed = np.broadcast_to(keys[:, None, None, :], (b, 1, t, p + t)).copy()
+        xp, m = self._xp, backend.like(m, self.lm_head_weight.data)  # moved once
+        keys = xp.concatenate([xp.ones((b, p), dtype=bool), m], axis=1)  # (B, P + T)
+        allowed = xp.broadcast_to(keys[:, None, None, :], (b, 1, t, p + t)).copy()
         # a query always sees itself: a padded query row is never empty (finite output)
-        allowed[:, :, np.arange(t), p + np.arange(t)] = True  # (B, 1, T, P + T)
+        diag = xp.arange(t)
+        allowed[:, :, diag, p + diag] = True  # (B, 1, T, P + T)
         return allowed
 
     # ------------------------------------------------------------------ files

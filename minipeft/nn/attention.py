@@ -312,7 +312,13 @@ def scaled_dot_product_attention(
     _check_mask_shape(blocked, _score_shape(q, k, v))
     p = float(dropout_p) if training else 0.0
     return ScaledDotProductAttention.apply(
-        q, k, v, scale=1.0 / math.sqrt(q.shape[-1]), blocked=blocked, dropout_p=p, rng=backend.rng()
+        q,
+        k,
+        v,
+        scale=1.0 / math.sqrt(q.shape[-1]),
+        blocked=blocked,
+        dropout_p=p,
+        rng=backend.rng_like(q.data),  # the mask is drawn where the scores live
     )
 
 
@@ -329,7 +335,7 @@ def attention_reference(
     """The same attention composed of primitive ops (autograd derives its backward).
 
     Kept as the second opinion the fused Function is checked against: same signature,
-    same masks, the same dropout draw from ``backend.rng()``, and the same convention for
+    same masks, the same dropout draw from ``backend.rng_like(q)``, and the same convention for
     fully-masked rows (their scores are left finite, then P is multiplied by 0 there).
     """
     q, k, v = as_tensor(q), as_tensor(k), as_tensor(v)

@@ -65,8 +65,8 @@ class Embedding(Module):
         w = backend.rng().standard_normal((num_embeddings, embedding_dim)) * std
         self.weight = Parameter(w.astype(backend.default_dtype()))
 
-    def forward(self, ids: Any) -> Tensor:
-        return ops.embedding(self.weight, ids)
+    def forward(self, ids: Any, *, check_range: bool = True) -> Tensor:
+        return ops.embedding(self.weight, ids, check_range=check_range)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}"

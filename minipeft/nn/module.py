@@ -29,7 +29,9 @@ class Parameter(Tensor):
     def __init__(self, data: Any, requires_grad: bool = True) -> None:
         if isinstance(data, Tensor):
             data = data.data
-        arr = backend.xp_of(data).asarray(data)
+        # a new parameter lives on the current backend: initial values drawn on the host
+        # (one seeded generator for both backends) are moved there once
+        arr = backend.to_device(data)
         if arr.dtype.kind != "f":
             arr = arr.astype(backend.default_dtype())
         super().__init__(arr, requires_grad=requires_grad)
@@ -67,9 +69,10 @@ class Module:
         object.__delattr__(self, name)
 
     def register_buffer(self, name: str, value: Any, persistent: bool = True) -> None:
-        """A non-trainable array saved in the state dict (if ``persistent``)."""
+        """A non-trainable array saved in the state dict (if ``persistent``); a host array
+        given under ``set_backend("cupy")`` is moved to the device, as parameters are."""
         self._buffers[name] = persistent
-        object.__setattr__(self, name, value)
+        object.__setattr__(self, name, None if value is None else backend.to_device(value))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.forward(*args, **kwargs)
@@ -113,6 +116,48 @@ class Module:
                 )
             mod = mod._modules[part]
         return mod
+
+    # ------------------------------------------------------------------ placement
+    def to(self, device: str) -> Module:
+        """Move every parameter (with its gradient), buffer and array-valued attribute of
+        this module and its submodules to ``"numpy"`` (host) or ``"cupy"`` (device), in
+        place; returns ``self``. Tied parameters stay tied (the Parameter objects are kept,
+        only their arrays move), so optimizers keep referring to them and move their own
+        state on their next step.
+        """
+        if device not in ("numpy", "cupy"):
+            raise ValueError(f"device: expected 'numpy' or 'cupy', got {device!r}")
+        moved: set[int] = set()
+
+        def move(t: Tensor) -> None:
+            if id(t) in moved:
+                return
+            moved.add(id(t))
+            t.data = backend.to_device(t.data, device)
+            if t.grad is not None:
+                t.grad = backend.to_device(t.grad, device)
+
+        for mod in self.modules():
+            for p in mod._parameters.values():
+                move(p)
+            for name, value in list(vars(mod).items()):
+                if name in mod._parameters or name.startswith("__"):
+                    continue
+                if isinstance(value, Tensor):
+                    move(value)
+                elif _is_array(value):
+                    object.__setattr__(mod, name, backend.to_device(value, device))
+            mod._move_state(device)
+        return self
+
+    def _move_state(self, device: str) -> None:
+        """Hook: move state kept outside plain attributes (dicts of arrays, allocators)."""
+
+    def placement(self) -> str:
+        """``"numpy"`` or ``"cupy"``: where this module's parameters live (the first one's
+        place; ``"numpy"`` for a module without parameters)."""
+        p = next(self.parameters(), None)
+        return "numpy" if p is None else backend.placement(p.data)
 
     # ------------------------------------------------------------------ modes
     def train(self, mode: bool = True) -> Module:
@@ -179,7 +224,11 @@ class Module:
             if k in state:
                 val = state[k]
                 val = val.data if isinstance(val, Tensor) else val
-                cur[...] = backend.xp_of(cur).asarray(val, dtype=cur.dtype)
+                # loaded host arrays are copied to where the parameter lives (one explicit
+                # transfer per tensor), so a device model stays on the device
+                cur[...] = backend.to_device(val, backend.placement(cur)).astype(
+                    cur.dtype, copy=False
+                )
         return missing
 
     def extra_repr(self) -> str:
@@ -191,6 +240,10 @@ class Module:
             sub = repr(mod).replace("\n", "\n  ")
             lines.append(f"  ({name}): {sub}")
         return lines[0] + ")" if len(lines) == 1 else "\n".join(lines) + "\n)"
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, np.ndarray) or backend.placement(value) == "cupy"
 
 
 class ModuleList(Module):
