@@ -116,8 +116,8 @@ def on_backend(name: str) -> Iterator[ModuleType]:
 
 
 def host(a: Any) -> np.ndarray:
-    """A NumPy copy of an array wherever it lives (explicit transfer)."""
-    return backend.to_numpy(a)
+    """A NumPy copy of an array wherever it lives (explicit transfer; never a view)."""
+    return np.array(backend.to_numpy(a), copy=True)
 
 
 def on_device(a: Any) -> bool:

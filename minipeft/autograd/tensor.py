@@ -33,7 +33,15 @@ import numpy as np
 
 from .. import backend
 
-__all__ = ["Function", "Tensor", "as_tensor", "is_grad_enabled", "no_grad", "tensor"]
+__all__ = [
+    "Function",
+    "Tensor",
+    "as_tensor",
+    "data_of",
+    "is_grad_enabled",
+    "no_grad",
+    "tensor",
+]
 
 _GRAD_ENABLED = True
 
@@ -373,6 +381,13 @@ def tensor(data: Any, requires_grad: bool = False, dtype: Any = None) -> Tensor:
     if isinstance(data, Tensor):
         raise TypeError("data: expected an array or a number, got a Tensor (use .data)")
     return Tensor(backend.to_device(data), requires_grad=requires_grad, dtype=dtype)
+
+
+def data_of(x: Any) -> Any:
+    """A Tensor's array, or ``x`` itself (an array, a list, a number). Never
+    ``getattr(x, "data", x)``: a CuPy array has a ``data`` attribute of its own (its
+    memory pointer)."""
+    return x.data if isinstance(x, Tensor) else x
 
 
 def as_tensor(x: Any, like: Tensor | None = None) -> Tensor:

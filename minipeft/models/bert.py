@@ -49,7 +49,7 @@ import numpy as np
 
 from .. import backend
 from ..autograd import ops
-from ..autograd.tensor import Function, Tensor, no_grad
+from ..autograd.tensor import Function, Tensor, data_of, no_grad
 from ..nn.attention import merge_heads, scaled_dot_product_attention, split_heads
 from ..nn.layers import Dropout, Embedding, LayerNorm, Linear
 from ..nn.module import Module, ModuleList
@@ -419,7 +419,7 @@ class BertModel(Module):
             b, t = inputs_embeds.shape[:2]
         attn_mask = None
         if attention_mask is not None:
-            m = backend.to_numpy(getattr(attention_mask, "data", attention_mask))
+            m = backend.to_numpy(data_of(attention_mask))
             if m.shape != (b, t):
                 raise ValueError(f"attention_mask: expected shape {(b, t)}, got {m.shape}")
             if not np.isin(m, (0, 1)).all():
@@ -640,7 +640,7 @@ class BertTokenizer:
 # ---------------------------------------------------------------------------- embeddings
 def mean_pool(hidden: Tensor, attention_mask: Any) -> Tensor:
     """e = Σₜ mₜ·hₜ / max(Σₜ mₜ, 10⁻⁹): the mean of the real tokens' states, (B, C)."""
-    m = np.asarray(backend.to_numpy(getattr(attention_mask, "data", attention_mask)))
+    m = np.asarray(backend.to_numpy(data_of(attention_mask)))
     mask = backend.xp_of(hidden.data).asarray(m[..., None], dtype=hidden.dtype)  # (B, T, 1)
     # Σₜ mₜ·hₜ
     total = (hidden * Tensor(mask)).sum(axis=1)  # (B, C)

@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from .. import backend
+from ..autograd.tensor import data_of
 
 __all__ = [
     "CheckpointError",
@@ -202,7 +203,7 @@ def save_safetensors_atomic(
     for name, value in tensors.items():
         if not isinstance(name, str):
             raise TypeError(f"tensors: names must be strings, got {name!r}")
-        arr = np.asarray(backend.to_numpy(getattr(value, "data", value)))
+        arr = np.asarray(backend.to_numpy(data_of(value)))
         if not arr.flags.c_contiguous:  # (np.ascontiguousarray would make 0-d arrays 1-d)
             arr = np.ascontiguousarray(arr)
         if arr.dtype == object:

@@ -139,6 +139,7 @@ class Optimizer(ABC):
                             f"{p.data.dtype}, got {grad.dtype}"
                         )
                     state = self.state.setdefault(id(p), {})
+                    _follow(state, p.data)
                     self._update(group, p, grad, state)
 
     @abstractmethod
@@ -224,3 +225,13 @@ class Optimizer(ABC):
             hp = ", ".join(f"{k}={v}" for k, v in g.items() if k != "params")
             lines.append(f"  group {i}: {len(g['params'])} params, {hp}")
         return "\n".join([*lines, ")"])
+
+
+def _follow(state: dict[str, Any], data: Any) -> None:
+    """Move a parameter's state arrays to where the parameter now lives (after
+    ``Module.to``): optimizers follow their parameters, once, on the next step."""
+    where = backend.placement(data)
+    for k, v in state.items():
+        is_array = isinstance(v, np.ndarray) or backend.placement(v) == "cupy"
+        if is_array and backend.placement(v) != where:
+            state[k] = backend.to_device(v, where)

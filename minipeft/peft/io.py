@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import backend
 from ..autograd.tensor import Tensor
 from ..models.io import (
     CheckpointError,
@@ -122,7 +123,8 @@ def save_adapter(model: PeftModel, save_directory: str | Path, adapter: str) -> 
     d.setdefault("task_type", None)
     tensors = {}
     for key, t in adapter_tensors(model, adapter).items():
-        arr = np.asarray(t.data if isinstance(t, Tensor) else t)
+        # saving is an explicit device → host copy: the file holds the same bytes
+        arr = backend.to_numpy(t.data if isinstance(t, Tensor) else t)
         tensors[key] = np.ascontiguousarray(arr)
     if isinstance(cfg, AdaLoraConfig) and cfg.rank_pattern:
         tensors = _prune_adalora(tensors, cfg.rank_pattern)
@@ -196,12 +198,13 @@ def _fill_adapter(pm: PeftModel, adapter: str, directory: Path, cfg: PeftConfig)
         a = getattr(pm.base_model.vera_A, adapter)
         b = getattr(pm.base_model.vera_B, adapter)
         ta, tb = _vera_projections_from_torch(cfg, a.shape[1], b.shape[0])
-        a[...], b[...] = ta, tb
+        a[...], b[...] = backend.like(ta, a), backend.like(tb, b)
     expected = {k: tuple(getattr(t, "shape", ())) for k, t in targets.items()}
     tensors = load_safetensors(directory / WEIGHTS_NAME, expected=expected, strict=True)
     for key, t in targets.items():
         arr = t.data if isinstance(t, Tensor) else t
-        arr[...] = tensors[key].astype(arr.dtype, copy=False)
+        # read on the host, copied once to where the adapter lives
+        arr[...] = backend.like(tensors[key].astype(arr.dtype, copy=False), arr)
 
 
 def load_adapter(model: Module, directory: str | Path, adapter: str = "default") -> PeftModel:

@@ -423,7 +423,11 @@ class LoraLayer(AdapterLayer):
             fn = pissa_init if init == "pissa" else olora_init
             w_res, a, b = fn(backend.to_numpy(w_oi), r, s)
             with no_grad():
+                w_res = backend.like(w_res, w0.data)  # computed on the host, moved once
                 w0.data[...] = w_res.T if self.fan_in_fan_out else w_res
+        # initial values are drawn on the host (one seeded generator for both backends) and
+        # placed beside the base weight, which may live on the device
+        a, b = backend.like(a, w0.data), backend.like(b, w0.data)
         self.lora_A[name] = _Holder(Parameter(a))
         self.lora_B[name] = _Holder(Parameter(b))
         self.r[name], self.lora_alpha[name], self.scaling[name] = r, float(lora_alpha), s

@@ -35,7 +35,7 @@ import numpy as np
 
 from .. import backend
 from ..autograd import ops
-from ..autograd.tensor import Tensor, no_grad
+from ..autograd.tensor import Tensor, data_of, no_grad
 from ..nn.layers import Linear
 from ..nn.module import Module, Parameter
 
@@ -325,7 +325,7 @@ class PromptedModel(Module):
         return self.prompt.num_virtual_tokens
 
     def _inputs(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> dict[str, Any]:
-        ids = np.asarray(getattr(input_ids, "data", input_ids))
+        ids = np.asarray(data_of(input_ids))
         if ids.ndim != 2:
             raise ValueError(f"input_ids: expected shape (B, T), got {ids.shape}")
         b, t = ids.shape
@@ -344,7 +344,7 @@ class PromptedModel(Module):
         )
         kw["inputs_embeds"] = prepend_prompt(self.prompt.prompt_embeddings(), table(ids))
         m = np.ones((b, t), dtype=np.int64) if attention_mask is None else attention_mask
-        m = np.asarray(getattr(m, "data", m)).astype(np.int64)
+        m = np.asarray(data_of(m)).astype(np.int64)
         kw["attention_mask"] = np.concatenate([np.ones((b, p), dtype=np.int64), m], axis=1)
         if self.spec.kind == "bert":
             tt = np.zeros((b, t), dtype=np.int64) if token_type_ids is None else token_type_ids
@@ -374,8 +374,8 @@ class PromptedModel(Module):
         """
         if self.spec.kind != "gpt2":
             raise TypeError("loss: only for GPT-2 (use a task head on BERT's states)")
-        ids = np.asarray(getattr(input_ids, "data", input_ids))
-        labels = ids if labels is None else np.asarray(getattr(labels, "data", labels))
+        ids = np.asarray(data_of(input_ids))
+        labels = ids if labels is None else np.asarray(data_of(labels))
         kw = self._inputs(ids, attention_mask, None)
         if self.prompt.deep:
             return self.base.loss(kw.pop("input_ids"), labels, **kw)
