@@ -39,7 +39,7 @@ import numpy as np
 
 from . import backend
 from .autograd import ops
-from .autograd.tensor import Tensor, no_grad
+from .autograd.tensor import Tensor, data_of, no_grad
 from .nn.layers import Embedding, LayerNorm, Linear
 from .nn.module import Module, ModuleList
 from .optim import AdamW
@@ -250,7 +250,7 @@ class Denoiser(Module):
 
     def check_tokens(self, tokens: Any, n: int) -> np.ndarray:
         """Validate token ids: integers in [0, num_tokens), one per image (or a scalar)."""
-        tok = np.asarray(tokens)
+        tok = backend.to_numpy(data_of(tokens))  # a few ids, checked on the host
         if tok.dtype.kind not in "iu":
             raise TypeError(f"tokens: expected integer token ids, got dtype {tok.dtype}")
         if tok.ndim == 0:
@@ -266,18 +266,25 @@ class Denoiser(Module):
         return tok.astype(np.int64)
 
     def forward(self, xt: Tensor, t: Any, tokens: Any) -> Tensor:
-        xt = xt if isinstance(xt, Tensor) else Tensor(np.asarray(xt))
+        # inputs given on the host are moved once to where the model lives
+        ref = self.token_emb.weight.data  # (in_proj may be wrapped by an adapter)
+        if not isinstance(xt, Tensor):
+            xt = Tensor(backend.like(backend.input_array(xt), ref))
+        elif not xt.requires_grad and xt.placement() != backend.placement(ref):
+            xt = Tensor(backend.like(xt.data, ref))
         if xt.ndim != 2 or xt.shape[1] != IMAGE_PIXELS:
             raise ValueError(f"xt: expected shape (B, {IMAGE_PIXELS}), got {xt.shape}")
         n = xt.shape[0]
-        t = np.asarray(t)
+        t = backend.to_numpy(data_of(t))  # the steps: features are computed on the host
         if t.ndim == 0:
             t = np.full(n, int(t))
         if t.shape != (n,):
             raise ValueError(f"t: expected shape ({n},), got {t.shape}")
         tok = self.check_tokens(tokens, n)
-        temb = Tensor(timestep_embedding(t, self.config.time_dim, dtype=xt.dtype))  # (B, time)
-        c = self.time_fc2(ops.gelu(self.time_fc1(temb))) + ops.embedding(self.token_emb.weight, tok)
+        temb = timestep_embedding(t, self.config.time_dim, dtype=xt.dtype)  # (B, time)
+        temb = Tensor(backend.like(temb, ref))
+        tok_emb = ops.embedding(self.token_emb.weight, backend.like(tok, ref), check_range=False)
+        c = self.time_fc2(ops.gelu(self.time_fc1(temb))) + tok_emb
         c = ops.gelu(c)  # (B, hidden)
         h = self.in_proj(xt)  # (B, hidden)
         for block in self.blocks:
@@ -300,15 +307,15 @@ def diffusion_loss(
 
     Its gradient with respect to the network output is ∂L/∂ε̂ = 2(ε̂ − ε)/(N·D).
     """
-    x0 = np.asarray(x0)
-    eps = np.asarray(eps)
+    x0 = backend.to_numpy(data_of(x0))  # the schedule's arithmetic is float64 on the host
+    eps = backend.to_numpy(data_of(eps))
     if x0.ndim != 2 or eps.shape != x0.shape:
         raise ValueError(f"x0, eps: expected equal (N, D) shapes, got {x0.shape} and {eps.shape}")
     if x0.shape[0] == 0:
         raise ValueError("x0: expected at least one image, got an empty batch")
     xt = schedule.q_sample(x0, t, eps)  # xₜ = √ᾱₜ·x₀ + √(1−ᾱₜ)·ε
     eps_hat = model(Tensor(xt), t, tokens)  # ε̂ = ε_θ(xₜ, t, c)   (N, D)
-    diff = eps_hat - Tensor(eps.astype(eps_hat.dtype, copy=False))
+    diff = eps_hat - Tensor(backend.like(eps.astype(eps_hat.dtype, copy=False), eps_hat.data))
     return (diff * diff).mean()  # 1/(N·D)·Σ (ε̂ − ε)²
 
 
@@ -338,7 +345,8 @@ def sample(
             z = rng.standard_normal(x.shape).astype(dt)
             eps = np.concatenate(
                 [
-                    model(Tensor(x[i : i + batch]), t, tok[i : i + batch]).data
+                    # the sampler's arithmetic runs on the host: ε̂ is copied back per step
+                    backend.to_numpy(model(Tensor(x[i : i + batch]), t, tok[i : i + batch]).data)
                     for i in range(0, n, batch)
                 ]
             )

@@ -29,7 +29,9 @@ STANDIN_DIR = Path(__file__).resolve().parent / "standin"
 
 def _load(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(
-        name, STANDIN_DIR / name / "__init__.py", submodule_search_locations=[]
+        name,
+        STANDIN_DIR / name / "__init__.py",
+        submodule_search_locations=[str(STANDIN_DIR / name)],
     )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

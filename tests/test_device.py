@@ -158,11 +158,15 @@ def _dora():
 
 
 def _vera():
-    return VeraConfig(r=8, target_modules=["c_attn", "c_fc"], save_projection=True)
+    return VeraConfig(
+        r=8, target_modules=["c_attn", "c_fc"], save_projection=True, fan_in_fan_out=True
+    )
 
 
 def _ia3():
-    return IA3Config(target_modules=["c_attn", "c_fc"], feedforward_modules=["c_fc"])
+    return IA3Config(
+        target_modules=["c_attn", "c_fc"], feedforward_modules=["c_fc"], fan_in_fan_out=True
+    )
 
 
 def _adalora():
@@ -336,3 +340,166 @@ def test_checkpoints_load_onto_the_device_and_save_the_host_bytes(where, tmp_pat
         _assert_all_on_device(model)
         model.save_pretrained(tmp_path / "device")
     assert _digest(tmp_path / "host") == _digest(tmp_path / "device")
+
+
+# ---------------------------------------------------------------------------- more models
+def _same_on_device(where: str, build: Callable[[], Any], run: Callable[[Any], Any]) -> None:
+    """Build and run (forward + backward) on NumPy and on ``where``: equal outputs and
+    gradients (float64, ≤ 1e-12 relative), everything on the device, nothing refused."""
+
+    def go(name: str) -> tuple[Any, dict[str, np.ndarray], dict[str, int] | None]:
+        with on_backend(name) as xp:
+            minipeft.seed(0)
+            with minipeft.dtype_policy("float64"):
+                model = build()
+            out = run(model)
+            out.sum().backward() if out.size > 1 else out.backward()
+            if name != "numpy":
+                assert on_device(out.data)
+                _assert_all_on_device(model)
+            grads = {n: host(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+            return host(out.data), grads, _stats(xp)
+
+    ref_out, ref_grads, _ = go("numpy")
+    out, grads, stats = go(where)
+    assert ref_grads, "no parameter received a gradient"
+    np.testing.assert_allclose(out, ref_out, rtol=RTOL, atol=1e-14)
+    _close(ref_grads, grads)
+    assert stats is None or stats["refused"] == 0
+
+
+BERT_TINY = dict(
+    vocab_size=40, hidden_size=12, num_hidden_layers=2, num_attention_heads=3,
+    intermediate_size=20, max_position_embeddings=16, hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)  # fmt: skip
+BIDS = np.array([[1, 4, 9, 2], [3, 3, 7, 0]])
+BMASK = np.array([[1, 1, 1, 1], [1, 1, 1, 0]])
+
+
+def _bert():
+    from minipeft.models import BertConfig, BertModel
+
+    return BertModel(BertConfig(**BERT_TINY), add_pooling_layer=False)
+
+
+@pytest.mark.parametrize("where", DEVICES)
+def test_bert_sentence_embeddings_equal_numpy(where):
+    from minipeft.models.bert import l2_normalize, mean_pool
+
+    def run(model):
+        types = np.array([[0, 0, 1, 1], [0, 1, 1, 1]])
+        return l2_normalize(mean_pool(model(BIDS, BMASK, types), BMASK))
+
+    _same_on_device(where, _bert, run)
+
+
+@pytest.mark.parametrize("where", DEVICES)
+def test_attention_with_prefixes_and_masks_equals_numpy(where):
+    from minipeft.nn.attention import scaled_dot_product_attention
+
+    class Holder(minipeft.nn.Module):
+        def __init__(self):
+            super().__init__()
+            rng = np.random.default_rng(0)
+            for name, shape in (("q", (2, 3, 4, 5)), ("k", (1, 3, 6, 5)), ("v", (2, 3, 6, 5))):
+                setattr(self, name, minipeft.nn.Parameter(rng.standard_normal(shape)))
+
+    def run(m):
+        keep = np.ones((2, 1, 4, 6), dtype=bool)
+        keep[1, :, :, 4:] = False  # padding keys of the second example
+        keep[0, :, 2, :] = False  # a query row with no visible key (gives 0, no NaN)
+        mask = backend.to_device(keep)
+        return scaled_dot_product_attention(m.q, m.k, m.v, causal=True, attn_mask=mask)
+
+    _same_on_device(where, Holder, run)
+
+
+PROMPTS = {
+    "prompt": lambda m: __import__("minipeft.peft", fromlist=["x"]).PromptTuning(m, 3, std=0.5),
+    "prefix": lambda m: __import__("minipeft.peft", fromlist=["x"]).PrefixTuning(
+        m, 3, reparam_hidden=5
+    ),
+    "ptuning_v2": lambda m: __import__("minipeft.peft", fromlist=["x"]).PTuningV2(m, 3, std=0.5),
+}
+
+
+@pytest.mark.parametrize("where", DEVICES)
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+@pytest.mark.parametrize("method", list(PROMPTS))
+def test_prompt_methods_equal_numpy(method, arch, where):
+    from minipeft.peft import PromptedModel
+
+    def build():
+        base = GPT2(GPT2Config(**TINY)) if arch == "gpt2" else _bert()
+        return PromptedModel(base, PROMPTS[method](base))
+
+    def run(pm):
+        if arch == "gpt2":
+            return pm.loss(IDS, attention_mask=MASK)
+        return pm(BIDS, BMASK)
+
+    _same_on_device(where, build, run)
+
+
+@pytest.mark.parametrize("where", DEVICES)
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+@pytest.mark.parametrize("kind", ["houlsby", "pfeiffer"])
+def test_bottleneck_adapters_equal_numpy(kind, arch, where):
+    from minipeft.peft import add_adapters
+
+    def build():
+        base = GPT2(GPT2Config(**TINY)) if arch == "gpt2" else _bert()
+        add_adapters(base, kind, 4, init="houlsby")
+        return base
+
+    def run(model):
+        return model.loss(IDS) if arch == "gpt2" else model(BIDS, BMASK)
+
+    _same_on_device(where, build, run)
+
+
+@pytest.mark.parametrize("where", DEVICES)
+def test_diffusion_denoiser_loss_equals_numpy(where):
+    from minipeft.diffusion import Denoiser, DiffusionConfig, NoiseSchedule, diffusion_loss
+
+    cfg = DiffusionConfig(hidden=16, mlp_hidden=24, n_blocks=2, time_dim=8, T=20)
+    rng = np.random.default_rng(0)
+    x0, eps = rng.standard_normal((3, 64)), rng.standard_normal((3, 64))
+    t, tokens = np.array([1, 7, 19]), np.array([2, 5, 11])
+
+    def run(model):
+        return diffusion_loss(model, NoiseSchedule(cfg.T, cfg.schedule), x0, tokens, t, eps)
+
+    _same_on_device(where, lambda: Denoiser(cfg), run)
+
+
+@pytest.mark.parametrize("where", DEVICES)
+@pytest.mark.parametrize("impl", ["reference", "cuda"])
+def test_qlora_trains_on_the_device_equal_to_numpy(impl, where):
+    """QLoRA: NF4 + double-quantized base on the device, LoRA on top; the device
+    dequantizes with the array-namespace reference or with the CUDA kernel (on the stand-in:
+    the kernel executed under the CPU emulation of the CUDA built-ins)."""
+    from minipeft.quant.qlora import Linear4bit, quantize_model
+
+    if impl == "cuda":
+        pytest.importorskip("minipeft.kernels.cuda.emulate", reason="CUDA emulation not built")
+
+    def build():
+        model = GPT2(GPT2Config(**TINY))
+        quantize_model(model, ["c_attn", "c_fc"], double_quant=True)
+        for _, mod in model.named_modules():
+            if isinstance(mod, Linear4bit):
+                mod.weight.impl = impl if backend.get_backend() == "cupy" else "numba"
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
+                         fan_in_fan_out=True, init_lora_weights=False)  # fmt: skip
+        model = get_peft_model(model, cfg)
+        for _, mod in model.named_modules():
+            if isinstance(mod, Linear4bit):
+                assert mod.weight.placement() == backend.get_backend()
+        return model
+
+    def run(model):
+        return model.loss(IDS, attention_mask=MASK)
+
+    _same_on_device(where, build, run)

@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import backend
 from ..backend import Array
-from .tensor import Function, Tensor, _coerce_inputs, as_tensor
+from .tensor import Function, Tensor, _coerce_inputs, as_tensor, data_of
 
 __all__ = [
     "add", "astype", "concat", "cross_entropy", "div", "dropout", "embedding", "exp", "gelu",
@@ -686,7 +686,7 @@ def getitem(x: Tensor, index: Any) -> Tensor:
     elif isinstance(index, tuple):
         index = tuple(i.data if isinstance(i, Tensor) else i for i in index)
     elif isinstance(index, list):
-        index = np.asarray(index)
+        index = backend.xp_of(data_of(x)).asarray(index)  # a literal list, built where x lives
     return GetItem.apply(x, index=index)
 
 

@@ -128,6 +128,10 @@ class Tensor:
         name = f", name={self.name!r}" if self.name else ""
         return f"Tensor(shape={self.shape}, dtype={self.dtype}{flag}{name})"
 
+    def placement(self) -> str:
+        """Where the data lives: ``"numpy"`` (host) or ``"cupy"`` (device)."""
+        return backend.placement(self.data)
+
     def numpy(self) -> np.ndarray:
         """The data as a NumPy array (copied from the device under CuPy)."""
         return backend.to_numpy(self.data)

@@ -223,9 +223,21 @@ class BertEmbeddings(Module):
         self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(
-        self, input_ids: Any = None, token_type_ids: Any = None, inputs_embeds: Tensor | None = None
+        self,
+        input_ids: Any = None,
+        token_type_ids: Any = None,
+        inputs_embeds: Tensor | None = None,
+        *,
+        check_range: bool = True,
     ) -> Tensor:
-        words = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        """``check_range=False``: the ids were checked where they were given (BertModel does
+        so on the host), so no device → host round trip re-checks them."""
+        ref = self.word_embeddings.weight.data  # inputs are moved once to where it lives
+        if inputs_embeds is None:
+            ids = backend.like(data_of(input_ids), ref)
+            words = self.word_embeddings(ids, check_range=check_range)
+        else:
+            words = inputs_embeds
         b, t = words.shape[:2]
         n_pos = self.position_embeddings.num_embeddings
         if t > n_pos:
@@ -233,15 +245,21 @@ class BertEmbeddings(Module):
                 f"input_ids: sequence length {t} exceeds max_position_embeddings={n_pos}; "
                 "truncate the input (BertTokenizer(max_length=...))"
             )
+        xp = backend.xp_of(ref)
         if token_type_ids is None:
-            token_type_ids = np.zeros((b, t), dtype=np.int64)
-        elif tuple(np.shape(token_type_ids)) != (b, t):
-            raise ValueError(
-                f"token_type_ids: expected shape {(b, t)}, got {tuple(np.shape(token_type_ids))}"
-            )
-        pos = self.position_embeddings(np.arange(t))  # (T, C), broadcast over B
+            token_type_ids = xp.zeros((b, t), dtype=xp.int64)
+        else:
+            token_type_ids = backend.input_array(token_type_ids)
+            if tuple(token_type_ids.shape) != (b, t):
+                raise ValueError(
+                    f"token_type_ids: expected shape {(b, t)}, got {tuple(token_type_ids.shape)}"
+                )
+            token_type_ids = backend.like(token_type_ids, ref)
+        types = self.token_type_embeddings(token_type_ids, check_range=check_range)
+        # positions 0..T−1 are in range by the check above
+        pos = self.position_embeddings(xp.arange(t), check_range=False)  # (T, C), over B
         # h₀ = E_word[ids] + E_pos + E_type[type_ids]
-        h = words + pos + self.token_type_embeddings(token_type_ids)  # (B, T, C)
+        h = words + pos + types  # (B, T, C)
         return self.dropout(self.LayerNorm(h))
 
 
@@ -405,10 +423,11 @@ class BertModel(Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("input_ids / inputs_embeds: give exactly one of them")
         if input_ids is not None:
-            ids = input_ids.data if isinstance(input_ids, Tensor) else np.asarray(input_ids)
+            ids = backend.input_array(input_ids)
             if ids.ndim != 2:
                 raise ValueError(f"input_ids: expected shape (B, T), got {tuple(ids.shape)}")
             b, t = ids.shape
+            ops.check_index_range(ids, self.config.vocab_size, "input_ids")
         else:
             if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
                 raise ValueError(
@@ -419,21 +438,29 @@ class BertModel(Module):
             b, t = inputs_embeds.shape[:2]
         attn_mask = None
         if attention_mask is not None:
-            m = backend.to_numpy(data_of(attention_mask))
+            # checked where it was given (the host, for a NumPy mask), then moved once
+            m = data_of(attention_mask)
+            mx = backend.xp_of(m)
+            m = mx.asarray(m)
             if m.shape != (b, t):
                 raise ValueError(f"attention_mask: expected shape {(b, t)}, got {m.shape}")
-            if not np.isin(m, (0, 1)).all():
+            if not bool(((m == 0) | (m == 1)).all()):
                 raise ValueError("attention_mask: expected only 0 (padding) and 1 (token)")
             keep = m.astype(bool)
-            if not keep.any(axis=1).all():
-                rows = np.flatnonzero(~keep.any(axis=1)).tolist()
+            if not bool(keep.any(axis=1).all()):
+                rows = np.flatnonzero(~backend.to_numpy(keep).any(axis=1)).tolist()
                 raise ValueError(f"attention_mask: rows {rows} have no token to attend to")
+            keep = backend.like(keep, self.embeddings.word_embeddings.weight.data)
             attn_mask = keep[:, None, None, :]  # (B, 1, 1, T): key padding, all heads/queries
         p = self._check_prefix(past_prefix, b)
         if p and attn_mask is not None:
             # the P prefix keys are visible to every query: (B, 1, 1, P + T)
-            attn_mask = np.concatenate([np.ones((b, 1, 1, p), dtype=bool), attn_mask], axis=-1)
-        h = self.embeddings(ids, token_type_ids, inputs_embeds)
+            xp = backend.xp_of(attn_mask)
+            attn_mask = xp.concatenate([xp.ones((b, 1, 1, p), dtype=bool), attn_mask], axis=-1)
+        if token_type_ids is not None:
+            types = backend.input_array(token_type_ids)
+            ops.check_index_range(types, self.config.type_vocab_size, "token_type_ids")
+        h = self.embeddings(ids, token_type_ids, inputs_embeds, check_range=False)
         return self.encoder(h, attn_mask, past_prefix)  # (B, T, C)
 
     def _check_prefix(self, past_prefix: Any, b: int) -> int:
@@ -640,22 +667,25 @@ class BertTokenizer:
 # ---------------------------------------------------------------------------- embeddings
 def mean_pool(hidden: Tensor, attention_mask: Any) -> Tensor:
     """e = Σₜ mₜ·hₜ / max(Σₜ mₜ, 10⁻⁹): the mean of the real tokens' states, (B, C)."""
-    m = np.asarray(backend.to_numpy(data_of(attention_mask)))
-    mask = backend.xp_of(hidden.data).asarray(m[..., None], dtype=hidden.dtype)  # (B, T, 1)
+    xp = backend.xp_of(hidden.data)
+    m = backend.like(data_of(attention_mask), hidden.data)  # moved once, where hidden lives
+    mask = m[..., None].astype(hidden.dtype)  # (B, T, 1)
     # Σₜ mₜ·hₜ
     total = (hidden * Tensor(mask)).sum(axis=1)  # (B, C)
     # Σₜ mₜ, clamped as sentence-transformers does
-    count = np.maximum(m.sum(axis=1, keepdims=True), 1e-9).astype(hidden.dtype)  # (B, 1)
-    return total / Tensor(backend.xp_of(hidden.data).asarray(count))
+    count = xp.maximum(m.sum(axis=1, keepdims=True), 1e-9).astype(hidden.dtype)  # (B, 1)
+    return total / Tensor(count)
 
 
 def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
     """x / max(‖x‖₂, eps) along the last axis (torch.nn.functional.normalize)."""
     norm = ops.sqrt((x * x).sum(axis=-1, keepdims=True))  # (B, 1)
+    xp = backend.xp_of(norm.data)
     with no_grad():
-        small = backend.to_numpy(norm.data) < eps
-    if small.any():
-        norm = ops.where(small, Tensor(np.full(small.shape, eps, dtype=x.dtype)), norm)
+        small = norm.data < eps
+    # on the host only when needed; on the device always (no decision waits for the host)
+    if xp is not np or small.any():
+        norm = ops.where(small, Tensor(xp.full(small.shape, eps, dtype=x.dtype)), norm)
     return x / norm
 
 

@@ -304,13 +304,6 @@ class GPT2Model(Module):
         self.ln_f = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
 
-def _input_array(a: Any) -> Any:
-    """An input (ids, labels, masks) as an array where it was given: a Tensor's data, a
-    device array as is, anything else through NumPy (validated there, moved once after)."""
-    a = a.data if isinstance(a, Tensor) else a
-    return a if backend.placement(a) == "cupy" else np.asarray(a)
-
-
 # ---------------------------------------------------------------------------- the model
 class GPT2(Module):
     """GPT-2 with its language-model head: HF's ``GPT2LMHeadModel``, names and layouts.
@@ -414,7 +407,7 @@ class GPT2(Module):
             if input_ids is None:
                 raise ValueError("labels: required when the model is fed inputs_embeds")
             labels = input_ids
-        labels = _input_array(labels)
+        labels = backend.input_array(labels)
         if labels.dtype.kind not in "iu":
             raise TypeError(f"labels: expected integer token ids, got dtype {labels.dtype}")
         logits = self.forward(
@@ -462,7 +455,7 @@ class GPT2(Module):
             b, t, _ = inputs_embeds.shape
             x = inputs_embeds
         else:
-            ids = _input_array(input_ids)
+            ids = backend.input_array(input_ids)
             if ids.dtype.kind not in "iu":
                 raise TypeError(f"input_ids: expected integer token ids, got dtype {ids.dtype}")
             if ids.ndim != 2:
@@ -535,7 +528,7 @@ class GPT2(Module):
         return int(plen), out
 
     def _check_position_ids(self, position_ids: Any, b: int, t: int) -> Any:
-        pos = _input_array(position_ids)
+        pos = backend.input_array(position_ids)
         if pos.dtype.kind not in "iu":
             raise TypeError(f"position_ids: expected integers, got dtype {pos.dtype}")
         if pos.shape not in ((t,), (1, t), (b, t)):
@@ -551,7 +544,7 @@ class GPT2(Module):
         """Key-padding mask (B, T) → bool (B, 1, T, P + T), or None (causal mask only)."""
         if attention_mask is None:
             return None
-        m = _input_array(attention_mask)
+        m = backend.input_array(attention_mask)
         if m.dtype.kind not in "biu":
             raise TypeError(f"attention_mask: expected 0/1 integers or booleans, got {m.dtype}")
         if m.shape != (b, t):

@@ -311,7 +311,7 @@ class SVDLinear(AdapterLayer):
 
     def effective_rank(self) -> int:
         """Number of singular values Λᵢ that are not masked to zero."""
-        return int(np.count_nonzero(self.E.data))
+        return int(backend.xp_of(self.E.data).count_nonzero(self.E.data))
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}"
@@ -389,12 +389,13 @@ class RankAllocator:
             if p.grad is None:
                 raise ValueError(f"{n}: has no gradient; call update_and_allocate after backward")
             st = self.state.get(n)
+            xp = backend.xp_of(p.data)  # the scores live where the parameters do
             if st is None:
-                z = np.zeros_like(p.data)
+                z = xp.zeros_like(p.data)
                 st = self.state[n] = _Smoothed(z, z.copy(), z.copy())
-            st.ipt = np.abs(p.data * p.grad)
+            st.ipt = xp.abs(p.data * p.grad)
             st.exp_avg_ipt = b1 * st.exp_avg_ipt + (1 - b1) * st.ipt
-            st.exp_avg_unc = b2 * st.exp_avg_unc + (1 - b2) * np.abs(st.ipt - st.exp_avg_ipt)
+            st.exp_avg_unc = b2 * st.exp_avg_unc + (1 - b2) * xp.abs(st.ipt - st.exp_avg_ipt)
 
     def element_score(self, param_name: str) -> np.ndarray:
         """s = Ī ⊙ Ū for one parameter."""
@@ -420,8 +421,9 @@ class RankAllocator:
             raise ValueError(
                 f"budget: {budget} leaves nothing to mask (initial budget {self.init_budget})"
             )
-        allv = np.concatenate(list(scores.values()))
-        threshold = np.partition(allv, k - 1)[k - 1]  # the k-th smallest (torch.kthvalue)
+        xp = backend.xp_of(*scores.values())
+        allv = xp.concatenate(list(scores.values()))
+        threshold = xp.partition(allv, k - 1)[k - 1]  # the k-th smallest (torch.kthvalue)
         pattern = {}
         for name, s in scores.items():
             drop = s <= threshold
@@ -430,8 +432,16 @@ class RankAllocator:
         return pattern
 
     def mask_using_rank_pattern(self, pattern: Mapping[str, list[bool]]) -> None:
-        for name, keep in pattern.items():
-            self.layers[name].E.data[~np.asarray(keep, dtype=bool), 0] = 0.0
+        """Zero the dropped Λᵢ again (every step of the final phase): the boolean masks are
+        moved to where Λ lives once per pattern, not at every step."""
+        if getattr(self, "_masks_for", None) is not pattern:
+            self._masks = {
+                name: backend.like(~np.asarray(keep, dtype=bool), self.layers[name].E.data)
+                for name, keep in pattern.items()
+            }
+            self._masks_for = pattern
+        for name, drop in self._masks.items():
+            self.layers[name].E.data[drop, 0] = 0.0
 
     def update_and_allocate(self, step: int) -> tuple[int | None, dict[str, list[bool]] | None]:
         """One allocation step with PEFT's phases; returns (budget, new rank pattern or None)."""
@@ -457,7 +467,7 @@ def simplified_importance(layer: SVDLinear) -> np.ndarray:
     """The lecture's simplified score |λᵢ|·|∂L/∂λᵢ| (a labelled comparison, not AdaLoRA)."""
     if layer.E.grad is None:
         raise ValueError("layer: lora_E has no gradient yet")
-    return np.abs(layer.E.data[:, 0] * layer.E.grad[:, 0])
+    return backend.xp_of(layer.E.data).abs(layer.E.data[:, 0] * layer.E.grad[:, 0])
 
 
 def prune_to_rank_pattern(layer: SVDLinear, keep: list[bool]) -> dict[str, np.ndarray]:
@@ -465,6 +475,7 @@ def prune_to_rank_pattern(layer: SVDLinear, keep: list[bool]) -> dict[str, np.nd
     idx = np.asarray(keep, dtype=bool)
     if idx.shape != (layer.r,):
         raise ValueError(f"keep: expected {layer.r} booleans, got {idx.shape}")
+    idx = backend.like(idx, layer.E.data)  # indexes the adapter where it lives
     return {
         "lora_A": layer.A.data[idx],
         "lora_E": layer.E.data[idx],

@@ -427,7 +427,9 @@ class LoraLayer(AdapterLayer):
                 w0.data[...] = w_res.T if self.fan_in_fan_out else w_res
         # initial values are drawn on the host (one seeded generator for both backends) and
         # placed beside the base weight, which may live on the device
-        a, b = backend.like(a, w0.data), backend.like(b, w0.data)
+        # (a 4-bit W₀ has no .data: ask where it lives)
+        where = w0.placement()
+        a, b = backend.to_device(a, where), backend.to_device(b, where)
         self.lora_A[name] = _Holder(Parameter(a))
         self.lora_B[name] = _Holder(Parameter(b))
         self.r[name], self.lora_alpha[name], self.scaling[name] = r, float(lora_alpha), s

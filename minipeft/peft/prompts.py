@@ -35,7 +35,7 @@ import numpy as np
 
 from .. import backend
 from ..autograd import ops
-from ..autograd.tensor import Tensor, data_of, no_grad
+from ..autograd.tensor import Tensor, no_grad
 from ..nn.layers import Linear
 from ..nn.module import Module, Parameter
 
@@ -325,7 +325,7 @@ class PromptedModel(Module):
         return self.prompt.num_virtual_tokens
 
     def _inputs(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> dict[str, Any]:
-        ids = np.asarray(data_of(input_ids))
+        ids = backend.input_array(input_ids)  # checked where given, moved once below
         if ids.ndim != 2:
             raise ValueError(f"input_ids: expected shape (B, T), got {ids.shape}")
         b, t = ids.shape
@@ -342,15 +342,19 @@ class PromptedModel(Module):
             if self.spec.kind == "gpt2"
             else self.base.embeddings.word_embeddings
         )
-        kw["inputs_embeds"] = prepend_prompt(self.prompt.prompt_embeddings(), table(ids))
+        ops.check_index_range(ids, table.num_embeddings, "input_ids")
+        words = table(backend.like(ids, table.weight.data), check_range=False)
+        kw["inputs_embeds"] = prepend_prompt(self.prompt.prompt_embeddings(), words)
+        # masks and type ids are built where they were given; the model moves them once
         m = np.ones((b, t), dtype=np.int64) if attention_mask is None else attention_mask
-        m = np.asarray(data_of(m)).astype(np.int64)
-        kw["attention_mask"] = np.concatenate([np.ones((b, p), dtype=np.int64), m], axis=1)
+        m = backend.input_array(m).astype(np.int64)
+        xp = backend.xp_of(m)
+        kw["attention_mask"] = xp.concatenate([xp.ones((b, p), dtype=xp.int64), m], axis=1)
         if self.spec.kind == "bert":
             tt = np.zeros((b, t), dtype=np.int64) if token_type_ids is None else token_type_ids
-            kw["token_type_ids"] = np.concatenate(
-                [np.zeros((b, p), dtype=np.int64), np.asarray(tt, dtype=np.int64)], axis=1
-            )
+            tt = backend.input_array(tt).astype(np.int64)
+            xt = backend.xp_of(tt)
+            kw["token_type_ids"] = xt.concatenate([xt.zeros((b, p), dtype=xt.int64), tt], axis=1)
         return kw
 
     def forward(
@@ -374,13 +378,14 @@ class PromptedModel(Module):
         """
         if self.spec.kind != "gpt2":
             raise TypeError("loss: only for GPT-2 (use a task head on BERT's states)")
-        ids = np.asarray(data_of(input_ids))
-        labels = ids if labels is None else np.asarray(data_of(labels))
+        ids = backend.input_array(input_ids)
+        labels = ids if labels is None else backend.input_array(labels)
         kw = self._inputs(ids, attention_mask, None)
         if self.prompt.deep:
             return self.base.loss(kw.pop("input_ids"), labels, **kw)
-        pad = np.full((ids.shape[0], self.num_virtual_tokens), -100, dtype=np.int64)
-        return self.base.loss(None, np.concatenate([pad, labels], axis=1), **kw)
+        xp = backend.xp_of(labels)
+        pad = xp.full((ids.shape[0], self.num_virtual_tokens), -100, dtype=labels.dtype)
+        return self.base.loss(None, xp.concatenate([pad, labels], axis=1), **kw)
 
     def fold(self) -> PromptedModel:
         """Replace a reparametrized prefix or a PreLayer by its plain key/value prefix."""

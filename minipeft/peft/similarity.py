@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import Array, xp_of
+from ..backend import Array, to_numpy, xp_of
 
 __all__ = ["right_singular_basis", "subspace_similarity", "subspace_similarity_grid"]
 
@@ -63,7 +63,7 @@ def subspace_similarity_grid(A1: Array, A2: Array) -> np.ndarray:
     V1, V2 = right_singular_basis(A1), right_singular_basis(A2)
     if V1.shape[0] != V2.shape[0]:
         raise ValueError(f"A2: expected in = {V1.shape[0]} as A1, got {V2.shape[0]}")
-    P2 = np.asarray((V1.T @ V2) ** 2, dtype=np.float64)  # (r₁, r₂)
+    P2 = to_numpy((V1.T @ V2) ** 2).astype(np.float64)  # (r₁, r₂), for plotting
     cum = P2.cumsum(axis=0).cumsum(axis=1)  # ‖V₁ⁱᵀV₂ʲ‖²_F for every (i, j)
     i = np.arange(1, V1.shape[1] + 1)[:, None]
     j = np.arange(1, V2.shape[1] + 1)[None, :]

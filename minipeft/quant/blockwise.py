@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import backend
 from ..backend import to_numpy
 from .codebooks import decision_boundaries, dynamic_map_signed, get_codebook
 from .double_quant import DQ_BLOCKSIZE, DoubleQuantState, double_dequantize, double_quantize
@@ -87,10 +88,23 @@ class QuantState:
         return -(-self.numel // self.blocksize)
 
     def block_scales(self) -> np.ndarray:
-        """The float32 absmax per block, reconstructed when double-quantized."""
+        """The float32 absmax per block, reconstructed when double-quantized (computed
+        where the state lives)."""
         if self.state2 is None:
-            return np.asarray(self.absmax, dtype=np.float32)
+            return backend.xp_of(self.absmax).asarray(self.absmax, dtype=np.float32)
         return double_dequantize(self.absmax, self.state2)
+
+    def to(self, device: str) -> QuantState:
+        """A copy whose arrays (absmax, code, the nested state's) live on ``device``."""
+        return QuantState(
+            backend.to_device(self.absmax, device),
+            self.shape,
+            self.dtype,
+            self.blocksize,
+            self.quant_type,
+            backend.to_device(self.code, device),
+            None if self.state2 is None else self.state2.to(device),
+        )
 
     # --------------------------------------------------------------- serialization
     def metadata(self) -> dict[str, Any]:
@@ -206,9 +220,11 @@ def pack_nibbles(codes: np.ndarray, pad_code: int) -> np.ndarray:
 
 
 def unpack_nibbles(packed: np.ndarray, n: int) -> np.ndarray:
-    """The first ``n`` 4-bit codes of a packed byte array (high nibble first)."""
-    packed = np.asarray(packed, dtype=np.uint8).reshape(-1)
-    codes = np.empty(packed.size * 2, dtype=np.uint8)
+    """The first ``n`` 4-bit codes of a packed byte array (high nibble first), where the
+    array lives."""
+    xp = backend.xp_of(packed)
+    packed = xp.asarray(packed, dtype=xp.uint8).reshape(-1)
+    codes = xp.empty(packed.size * 2, dtype=xp.uint8)
     codes[0::2] = packed >> 4
     codes[1::2] = packed & 0x0F
     return codes[:n]
@@ -309,6 +325,17 @@ def dequantize_4bit(
             f"{getattr(packed, 'size', '?')} items"
         )
     scales = state.block_scales()  # c_b, float32 (n_blocks,)
+    if backend.placement(packed) == "cupy":
+        # on the device: the CUDA kernel, or the array-namespace reference (impl="reference")
+        if impl == "reference":
+            xp = backend.xp_of(packed)
+            q = unpack_nibbles(packed, n)  # (n,) codes
+            scale = xp.repeat(scales, state.blocksize)[:n]  # c_b per element
+            code = xp.asarray(state.code, dtype=xp.float32)
+            return (code[q] * scale).reshape(state.shape).astype(state.dtype, copy=False)
+        impl = "cuda"
+    elif impl == "cuda":
+        raise ValueError("impl: 'cuda' dequantizes device (CuPy) arrays; packed is a NumPy array")
     if impl == "cuda":
         from ..kernels.cuda import quant4 as cuda_quant4
 

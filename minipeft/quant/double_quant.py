@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import backend
 from .codebooks import dynamic_map_signed, nearest_code
 
 __all__ = [
@@ -53,6 +54,15 @@ class DoubleQuantState:
     offset: np.float32  # μ, the mean subtracted before quantizing
     code: np.ndarray = field(default_factory=dynamic_map_signed)  # float32 (256,)
     blocksize: int = DQ_BLOCKSIZE
+
+    def to(self, device: str) -> DoubleQuantState:
+        """A copy whose arrays live on ``device`` ("numpy" or "cupy")."""
+        return DoubleQuantState(
+            backend.to_device(self.absmax, device),
+            self.offset,
+            backend.to_device(self.code, device),
+            self.blocksize,
+        )
 
 
 def _block_absmax(x: np.ndarray, blocksize: int) -> np.ndarray:
@@ -88,10 +98,11 @@ def quantize_blockwise_8bit(
 def dequantize_blockwise_8bit(
     q: np.ndarray, absmax: np.ndarray, code: np.ndarray, blocksize: int = DQ_BLOCKSIZE
 ) -> np.ndarray:
-    """x̂ = code[q]·absmax per block, float32."""
-    q = np.asarray(q).reshape(-1)
-    scale = np.repeat(np.asarray(absmax, dtype=np.float32), blocksize)[: q.size]  # (n,)
-    return np.asarray(code, dtype=np.float32)[q] * scale  # x̂ = code[q]·absmax
+    """x̂ = code[q]·absmax per block, float32 (in the namespace where ``q`` lives)."""
+    xp = backend.xp_of(q)
+    q = xp.asarray(q).reshape(-1)
+    scale = xp.repeat(xp.asarray(absmax, dtype=xp.float32), blocksize)[: q.size]  # (n,)
+    return xp.asarray(code, dtype=xp.float32)[q] * scale  # x̂ = code[q]·absmax
 
 
 def double_quantize(

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import backend
 from ..autograd.tensor import Function, Tensor
 from ..backend import Array
 from ..nn.module import Module, Parameter
@@ -107,6 +108,14 @@ class Weight4bit:
             "entry, usually larger than ΔW itself). Keep the adapter unmerged, or use "
             ".dequantize() for a float copy of Ŵ."
         )
+
+    def to(self, device: str) -> Weight4bit:
+        """The same codes and state with their arrays on ``device`` ("numpy" or "cupy")."""
+        packed = backend.to_device(self.packed, device)
+        return Weight4bit(packed, self.quant_state.to(device), impl=self.impl)
+
+    def placement(self) -> str:
+        return backend.placement(self.packed)
 
     def dequantize(self, dtype: Any = None) -> Array:
         """Ŵ = code[q]·c_b in the stored layout, as ``dtype`` (default: the weight's dtype)."""
@@ -279,12 +288,15 @@ class Linear4bit(Module):
         self.fan_in_fan_out = bool(fan_in_fan_out)
         rows, cols = w4.shape
         self.in_features, self.out_features = (rows, cols) if self.fan_in_fan_out else (cols, rows)
-        self.weight = w4  # not a Parameter: no gradient, no optimizer state
+        # a new layer lives on the current backend, as parameters do (codes and state copied
+        # there once; quantization itself ran where the float weight was)
+        self.weight = w4.to(backend.get_backend())  # not a Parameter: no gradient, no state
         if bias is not None:
             b = bias.data if isinstance(bias, Tensor) else bias
             if tuple(b.shape) != (self.out_features,):
                 raise ValueError(f"bias: expected shape ({self.out_features},), got {b.shape}")
-            self.bias = Parameter(np.array(b, dtype=w4.dtype), requires_grad=False)
+            b = backend.xp_of(b).array(b, dtype=w4.dtype)  # a copy, where b lives
+            self.bias = Parameter(b, requires_grad=False)
         else:
             self.bias = None
 
@@ -312,6 +324,12 @@ class Linear4bit(Module):
             layer.weight, getattr(layer, "bias", None), fan_in_fan_out=kind == "Conv1D",
             quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, impl=impl,
         )  # fmt: skip
+
+    def _move_state(self, device: str) -> None:
+        self.weight = self.weight.to(device)  # codes and quantization state follow the module
+
+    def placement(self) -> str:
+        return self.weight.placement()
 
     def forward(self, x: Tensor) -> Tensor:
         return linear4bit(x, self.weight, self.bias, fan_in_fan_out=self.fan_in_fan_out)

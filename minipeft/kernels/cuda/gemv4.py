@@ -38,7 +38,7 @@ def gemv_4bit(packed: Any, state: Any, x: Any) -> Any:
         absmax, qabs = dummy_f, cupy.asarray(state.absmax, dtype=cupy.uint8)
         absmax2, code2 = cupy.asarray(s2.absmax, cupy.float32), cupy.asarray(s2.code, cupy.float32)
         offset, dq_bs, nested = float(s2.offset), int(s2.blocksize), 1
-    code = cupy.asarray(np.ascontiguousarray(state.code, dtype=np.float32))
+    code = cupy.ascontiguousarray(cupy.asarray(state.code), dtype=cupy.float32)  # host or device
     y = cupy.empty((n_rows, out_f), dtype=cupy.float32)
     aligned = in_f % state.blocksize == 0 and packed_d.data.ptr % 16 == 0 and xs.data.ptr % 16 == 0
     name = "gemv4_rows" if aligned else "gemv4_generic"

@@ -73,7 +73,7 @@ def dequantize_4bit(packed: Any, absmax: Any, code: np.ndarray, blocksize: int, 
 
     packed_d = cupy.ascontiguousarray(cupy.asarray(packed), dtype=cupy.uint8).reshape(-1)
     absmax_d = cupy.ascontiguousarray(cupy.asarray(absmax), dtype=cupy.float32)
-    code_d = cupy.asarray(np.ascontiguousarray(code, dtype=np.float32))
+    code_d = cupy.ascontiguousarray(cupy.asarray(code), dtype=cupy.float32)  # host or device
     out = cupy.empty(n, dtype=cupy.float32)
     n_bytes = (n + 1) // 2
     load_module("quant4").get_function("quant4_dequantize")(

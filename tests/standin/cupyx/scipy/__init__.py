@@ -1,0 +1,1 @@
+"""cupyx.scipy for the strict CuPy stand-in (tests only)."""
