@@ -28,6 +28,7 @@ Dtype policy: float32 is the training default; every gradient check runs in floa
 from __future__ import annotations
 
 import contextlib
+import os
 import types
 from collections.abc import Iterator
 from typing import Any, TypeAlias
@@ -111,6 +112,20 @@ def _cupy() -> types.ModuleType:
     if n_devices < 1:  # pragma: no cover - depends on the machine
         raise BackendError("backend 'cupy' requested but no CUDA device is visible")
     return cupy
+
+
+def _backend_from_environment() -> None:
+    """``MINIPEFT_BACKEND=cupy`` (or ``numpy``) selects the backend when minipeft is
+    imported, so a notebook or script runs on the GPU by setting one variable."""
+    name = os.environ.get("MINIPEFT_BACKEND", "").strip()
+    if not name:
+        return
+    try:
+        set_backend(name)
+    except ValueError as exc:
+        raise ValueError(f"MINIPEFT_BACKEND: {exc}") from None
+    except BackendError as exc:
+        raise BackendError(f"MINIPEFT_BACKEND={name}: {exc}") from None
 
 
 def get_backend() -> str:
@@ -243,3 +258,6 @@ def rng_like(a: Any) -> Any:
     if _DEVICE_RNG is None or _DEVICE_RNG[0] is not cupy:
         _DEVICE_RNG = (cupy, cupy.random.default_rng(_SEED))
     return _DEVICE_RNG[1]
+
+
+_backend_from_environment()

@@ -68,8 +68,8 @@ def _as_array(data: Any, dtype: Any = None) -> Any:
     if isinstance(data, Tensor):
         raise TypeError("data: expected an array or a number, got a Tensor (use .data)")
     xp = backend.xp_of(data)
-    if xp is np and not isinstance(data, np.ndarray | np.generic):
-        xp = backend.xp()  # Python scalars and lists go to the current backend
+    if xp is np:
+        xp = backend.xp()  # host data (lists, numbers, NumPy arrays) goes to the current backend
     arr = xp.asarray(data, dtype=dtype)
     if dtype is None and arr.dtype.kind in "fc" and not hasattr(data, "dtype"):
         # Python floats and lists take the default dtype; an array (NumPy or CuPy) keeps its
@@ -79,7 +79,12 @@ def _as_array(data: Any, dtype: Any = None) -> Any:
 
 
 class Tensor:
-    """An array with an optional gradient and a link to the Function that made it."""
+    """An array with an optional gradient and a link to the Function that made it.
+
+    A tensor lives where its array lives. ``Tensor(data)`` puts host data (NumPy arrays,
+    lists, numbers) on the current backend (``set_backend``) and leaves a device array where
+    it is; ``.to("numpy" | "cupy")`` copies it explicitly.
+    """
 
     __slots__ = ("__weakref__", "_ctx", "_out", "data", "grad", "name", "requires_grad")
     __array_priority__ = 1000  # so ndarray + Tensor dispatches to Tensor.__radd__
@@ -127,6 +132,18 @@ class Tensor:
         flag = ", requires_grad=True" if self.requires_grad else ""
         name = f", name={self.name!r}" if self.name else ""
         return f"Tensor(shape={self.shape}, dtype={self.dtype}{flag}{name})"
+
+    def to(self, device: str) -> Tensor:
+        """A copy of this tensor on ``device`` ("numpy": host, "cupy": device), cut from the
+        graph (a transfer is not differentiated); ``requires_grad`` is kept. The same
+        tensor when it already lives there."""
+        if device not in ("numpy", "cupy"):
+            raise ValueError(f"device: expected 'numpy' or 'cupy', got {device!r}")
+        if self.placement() == device:
+            return self
+        out = _output(backend.to_device(self.data, device), None, 0)
+        out.requires_grad, out.name = self.requires_grad, self.name
+        return out
 
     def placement(self) -> str:
         """Where the data lives: ``"numpy"`` (host) or ``"cupy"`` (device)."""
@@ -377,14 +394,13 @@ class Tensor:
 
 
 def tensor(data: Any, requires_grad: bool = False, dtype: Any = None) -> Tensor:
-    """Create a Tensor on the current backend (floats default to the current default dtype).
+    """Create a Tensor (floats default to the current default dtype); as ``Tensor(data)``.
 
-    Host data (a NumPy array) given under ``set_backend("cupy")`` is copied to the device:
-    creating a tensor is an explicit call. ``Tensor(array)`` keeps the array where it is.
+    Host data (a NumPy array, a list, a number) given under ``set_backend("cupy")`` is
+    copied to the device: creating a tensor is an explicit call, and new tensors live on the
+    current backend. A device array stays where it is.
     """
-    if isinstance(data, Tensor):
-        raise TypeError("data: expected an array or a number, got a Tensor (use .data)")
-    return Tensor(backend.to_device(data), requires_grad=requires_grad, dtype=dtype)
+    return Tensor(data, requires_grad=requires_grad, dtype=dtype)
 
 
 def data_of(x: Any) -> Any:
@@ -402,6 +418,8 @@ def as_tensor(x: Any, like: Tensor | None = None) -> Tensor:
     """
     if isinstance(x, Tensor):
         return x
+    if like is not None:
+        _check_constant(x, like)
     if like is not None and like.dtype.kind == "f":
         # A constant beside a floating tensor takes that tensor's dtype when it carries no
         # floating dtype of its own (Python numbers and lists, NumPy scalars, integer or
@@ -412,7 +430,6 @@ def as_tensor(x: Any, like: Tensor | None = None) -> Tensor:
         if not typed_float:
             # straight to like's dtype: going through the default dtype first would round
             # a Python float to float32 beside a float64 tensor
-            _check_constant(x, like)
             return Tensor(backend.xp_of(like.data).asarray(x, dtype=like.dtype))
     return Tensor(x)
 
