@@ -566,9 +566,29 @@ class _Device:
         return f"<CUDA Device {self.id} (stand-in)>"
 
 
+class _Event:
+    """cupy.cuda.Event: host clock readings (the stand-in's timings mean nothing)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.t = 0.0
+
+    def record(self, stream: Any = None) -> None:
+        import time
+
+        self.t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+
 class _Cuda:
     runtime = _Runtime()
     Device = _Device
+    Event = _Event
+
+    @staticmethod
+    def get_elapsed_time(start: _Event, end: _Event) -> float:
+        return 1e3 * (end.t - start.t)  # milliseconds, as CuPy's
 
     class Stream:
         null = _Stream()
