@@ -6,6 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -22,6 +23,10 @@
 # differences in float64. The derivation is `derivations/autograd.md`; the code is
 # `minipeft/autograd/`; the registered checks are `python -m minipeft verify ops` and
 # `python -m minipeft verify autograd`. Each equation cell ends with an assertion.
+#
+# It runs on the NumPy backend by default; `MINIPEFT_BACKEND=cupy` runs the engine on a GPU
+# (CuPy arrays). Values leave the engine explicitly, through `to_numpy`, where they are
+# compared with NumPy references, printed or plotted.
 
 # %%
 import math
@@ -29,10 +34,13 @@ import math
 import matplotlib.pyplot as plt
 import numpy as np
 
+import minipeft
 from minipeft.autograd import Function, Tensor, gradcheck, no_grad, ops
 from minipeft.autograd.gradcheck import numerical_grad
+from minipeft.backend import to_numpy
 from minipeft.verify import run, select
 
+print("backend:", minipeft.get_backend())
 rng = np.random.default_rng(0)
 
 # %% [markdown]
@@ -125,7 +133,7 @@ np.testing.assert_allclose([A.grad, B.grad], [a_bar, b_bar], rtol=1e-15)
 # %%
 ta, tb = Tensor(np.array(a), requires_grad=True), Tensor(np.array(b), requires_grad=True)
 ((ta * tb + ops.tanh(ta)) * tb).backward()
-np.testing.assert_allclose([ta.grad, tb.grad], [a_bar, b_bar], rtol=1e-15)
+np.testing.assert_allclose([to_numpy(ta.grad), to_numpy(tb.grad)], [a_bar, b_bar], rtol=1e-15)
 
 x = rng.standard_normal((6, 5))  # (tokens, in)
 W0 = rng.standard_normal((4, 5))  # (out, in), frozen
@@ -147,8 +155,8 @@ H = x @ W0.T + s * (x @ A_.T) @ B_.T
 G = 1 - np.tanh(H) ** 2  # (tokens, out)
 grad_B = s * G.T @ (x @ A_.T)  # ∂L/∂B = s·Σᵢ ḡᵢ (A xᵢ)ᵀ
 grad_A = s * (G @ B_).T @ x  # ∂L/∂A = s·Σᵢ (Bᵀ ḡᵢ) xᵢᵀ
-np.testing.assert_allclose(tB.grad, grad_B, rtol=1e-12)
-np.testing.assert_allclose(tA.grad, grad_A, rtol=1e-12)
+np.testing.assert_allclose(to_numpy(tB.grad), grad_B, rtol=1e-12)
+np.testing.assert_allclose(to_numpy(tA.grad), grad_A, rtol=1e-12)
 
 with no_grad():  # inference: nothing is recorded
     y = lora_loss(Tensor(x), tW0, tA, tB)

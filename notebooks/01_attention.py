@@ -6,6 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -23,6 +24,10 @@
 # One convention throughout (row-major, as PyTorch and HF PEFT): X is (n, d_model), one row
 # per token; a weight W is (out, in); a projection is Q = X·W_qᵀ. Every gradient below is
 # compared with float64 central differences and the cell ends with an assertion.
+#
+# It runs on the NumPy backend by default; `MINIPEFT_BACKEND=cupy` runs minipeft's tensors on
+# a GPU. The float64 references below stay in NumPy (they are the independent check), and
+# minipeft's results come back to the host explicitly (`.numpy()`, `to_numpy`) to meet them.
 
 # %%
 import math
@@ -30,7 +35,9 @@ import math
 import matplotlib.pyplot as plt
 import numpy as np
 
+import minipeft
 from minipeft.autograd.tensor import Tensor
+from minipeft.backend import to_numpy
 from minipeft.nn.attention import (
     attention_grad_k,
     attention_grad_p,
@@ -42,6 +49,7 @@ from minipeft.nn.attention import (
 )
 from minipeft.verify import run, select
 
+print("backend:", minipeft.get_backend())
 rng = np.random.default_rng(0)
 n, d_model, d = 6, 8, 4  # tokens, model width, head size (one head here)
 EPS = 1e-6
@@ -101,7 +109,7 @@ O = P @ V  # (n, d)
 # minipeft's fused op on the same numbers, as a (B=1, H=1) batch
 O_mp = scaled_dot_product_attention(
     Tensor(Q[None, None]), Tensor(K[None, None]), Tensor(V[None, None]), causal=False
-).data[0, 0]
+).numpy()[0, 0]
 np.testing.assert_allclose(O_mp, O, rtol=1e-12)
 
 # %% [markdown]
@@ -242,7 +250,7 @@ print("dW_q, dB, dA, dX match central differences")
 tq, tk, tv = (Tensor(a[None, None], requires_grad=True) for a in (Q, K, V))
 scaled_dot_product_attention(tq, tk, tv, causal=False).backward(G[None, None])
 for name, mine, ours in (("dQ", tq.grad, dQ), ("dK", tk.grad, dK), ("dV", tv.grad, dV)):
-    np.testing.assert_allclose(mine[0, 0], ours, rtol=1e-12, atol=1e-14, err_msg=name)
+    np.testing.assert_allclose(to_numpy(mine)[0, 0], ours, rtol=1e-12, atol=1e-14, err_msg=name)
 
 results = run(select("attention"))
 for res in results:
@@ -297,5 +305,6 @@ out = scaled_dot_product_attention(
     tq, Tensor(K[None, None]), Tensor(V[None, None]), causal=False, attn_mask=none_visible
 )
 out.backward(G[None, None])
-assert np.all(out.data[0, 0, 3] == 0) and np.all(tq.grad[0, 0, 3] == 0)
-assert np.all(np.isfinite(out.data)) and np.all(np.isfinite(tq.grad))
+out_h, grad_h = out.numpy()[0, 0], to_numpy(tq.grad)[0, 0]  # (n, d) each, on the host
+assert np.all(out_h[3] == 0) and np.all(grad_h[3] == 0)
+assert np.all(np.isfinite(out_h)) and np.all(np.isfinite(grad_h))
