@@ -6,6 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -22,6 +23,10 @@
 #
 # Convention (PyTorch / HF PEFT): X is (N, in), W₀ is (out, in), H = X·W₀ᵀ + s·(X·Aᵀ)·Bᵀ
 # with A (r, in), B (out, r), s = α/r. Every equation cell ends with an assertion.
+#
+# It runs on the NumPy backend by default; `MINIPEFT_BACKEND=cupy` runs the layers and the
+# training on a GPU. Results come back to the host explicitly (`.numpy()`, `to_numpy`) where
+# they meet the NumPy formulas, are printed or plotted.
 
 # %%
 import time
@@ -29,14 +34,17 @@ import time
 import matplotlib.pyplot as plt
 import numpy as np
 
+import minipeft
 from minipeft import backend
 from minipeft.autograd.gradcheck import gradcheck
 from minipeft.autograd.tensor import Tensor, no_grad
+from minipeft.backend import to_numpy
 from minipeft.models.gpt2 import GPT2, GPT2Config
 from minipeft.nn import Linear
 from minipeft.peft import LoraConfig, LoraLayer, get_peft_model, lora_linear
 from minipeft.peft.counts import lecture_errata5, lora_reduction, multitask_reduction
 
+print("backend:", minipeft.get_backend())
 backend.seed(0)
 rng = np.random.default_rng(0)
 
@@ -59,9 +67,9 @@ first_grads = {}
 for name in ("paper", "lecture"):
     layer.set_adapter(name)
     layer.zero_grad()
-    np.testing.assert_array_equal(layer(x).data, layer.base_layer(x).data)  # ΔW = 0 at start
+    np.testing.assert_array_equal(layer(x).numpy(), layer.base_layer(x).numpy())  # ΔW = 0
     ((layer(x) - Tensor(target)) ** 2).mean().backward()
-    ga, gb = layer.lora_A[name].weight.grad, layer.lora_B[name].weight.grad
+    ga, gb = (to_numpy(m[name].weight.grad) for m in (layer.lora_A, layer.lora_B))
     first_grads[name] = (np.abs(ga).max(), np.abs(gb).max())
     print(f"{name:8s} init: max|∂L/∂A| = {first_grads[name][0]:.3e}   "
           f"max|∂L/∂B| = {first_grads[name][1]:.3e}")  # fmt: skip
@@ -117,11 +125,11 @@ G = rng.standard_normal((N, d))
 tX, tA, tB = (Tensor(v, requires_grad=True) for v in (X, A, B))
 tW0 = Tensor(W0)  # frozen
 H = lora_linear(tX, tW0, None, [(tA, tB, s)])
-np.testing.assert_allclose(H.data, X @ (W0 + s * B @ A).T, atol=1e-12)  # lora.forward
+np.testing.assert_allclose(H.numpy(), X @ (W0 + s * B @ A).T, atol=1e-12)  # lora.forward
 H.backward(G)
-np.testing.assert_allclose(tB.grad, s * G.T @ (X @ A.T), atol=1e-12)  # lora.grad_B
-np.testing.assert_allclose(tA.grad, s * (G @ B).T @ X, atol=1e-12)  # lora.grad_A
-np.testing.assert_allclose(tX.grad, G @ W0 + s * (G @ B) @ A, atol=1e-12)  # lora.grad_X
+np.testing.assert_allclose(to_numpy(tB.grad), s * G.T @ (X @ A.T), atol=1e-12)  # lora.grad_B
+np.testing.assert_allclose(to_numpy(tA.grad), s * (G @ B).T @ X, atol=1e-12)  # lora.grad_A
+np.testing.assert_allclose(to_numpy(tX.grad), G @ W0 + s * (G @ B) @ A, atol=1e-12)  # grad_X
 assert tW0.grad is None  # no ∂L/∂W₀ buffer
 res = gradcheck(lambda x, a, b: lora_linear(x, Tensor(W0), None, [(a, b, s)]), [X, A, B])
 print("max relative error vs float64 central differences:", f"{res.max_rel_error:.1e}")
@@ -141,13 +149,13 @@ for dt in ("float64", "float32"):
         backend.seed(1)
         lay = LoraLayer(Linear(256, 256))
         lay.add_adapter("a", r=8, lora_alpha=16, init_lora_weights=False)
-    w0 = lay.base_layer.weight.data.copy()
+    w0 = lay.base_layer.weight.numpy().copy()  # a host copy: merge changes W₀ in place
     xin = Tensor(rng.standard_normal((4, 256)).astype(dt))
-    y = lay(xin).data
+    y = lay(xin).numpy()
     lay.merge()
-    y_merged = lay(xin).data
+    y_merged = lay(xin).numpy()
     lay.unmerge()
-    drift[dt] = float(np.abs(lay.base_layer.weight.data - w0).max())
+    drift[dt] = float(np.abs(lay.base_layer.weight.numpy() - w0).max())
     print(f"{dt}: max|W₀ after round trip − W₀| = {drift[dt]:.2e}   "
           f"max|y_merged − y| = {np.abs(y_merged - y).max():.2e}")  # fmt: skip
 assert drift["float64"] <= 1e-12
@@ -169,11 +177,12 @@ xt = Tensor(rng.standard_normal((3, 8)))
 outs = {}
 for t in ("summarize", "translate", "classify"):
     multi.set_adapter(t)
-    a_, b_ = multi.lora_A[t].weight.data, multi.lora_B[t].weight.data
-    outs[t] = multi(xt).data
-    np.testing.assert_allclose(outs[t], multi.base_layer(xt).data + 2.0 * xt.data @ a_.T @ b_.T)
+    a_, b_ = multi.lora_A[t].weight.numpy(), multi.lora_B[t].weight.numpy()
+    outs[t] = multi(xt).numpy()
+    base = multi.base_layer(xt).numpy()
+    np.testing.assert_allclose(outs[t], base + 2.0 * xt.numpy() @ a_.T @ b_.T)
 with multi.disable_adapters():
-    np.testing.assert_array_equal(multi(xt).data, multi.base_layer(xt).data)
+    np.testing.assert_array_equal(multi(xt).numpy(), multi.base_layer(xt).numpy())
 assert np.abs(outs["summarize"] - outs["translate"]).max() > 1e-3
 
 # %% [markdown]
