@@ -19,6 +19,7 @@ import os
 import threading
 import types
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import numpy as np
@@ -93,6 +94,7 @@ FAKE_CUPY.__dict__.update(
 )
 
 _MODULES: dict[tuple[str, str | None], EmulatedModule] = {}
+MODES = (None, "thread", "address")
 
 
 def _module(name: str, sanitize: str | None = None) -> EmulatedModule:
@@ -102,6 +104,15 @@ def _module(name: str, sanitize: str | None = None) -> EmulatedModule:
             source_path(name).read_text(), ("--std=c++17",), sanitize=sanitize
         )
     return _MODULES[key]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _prebuilt():
+    """Every build this file needs, compiled in parallel (cached across runs anyway)."""
+    jobs = [(_module, name, mode) for name in ("quant4", "gemv4", "sgmv") for mode in MODES]
+    jobs += [(_tiny, "reduce", mode) for mode in MODES]
+    with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+        list(pool.map(lambda job: job[0](job[1], job[2]), jobs))
 
 
 @pytest.fixture

@@ -95,10 +95,9 @@ _COMMON = [
 _FLAGS = {
     None: ["-O2", "-fPIC", "-shared"],
     "thread": ["-O1", "-g", "-fsanitize=thread", "-DCUEMU_MAIN"],
-    "address": [
-        "-O1",
+    "address": [  # -O0: half the compile time of -O1, and nothing optimized away
+        "-O0",
         "-g",
-        "-fno-omit-frame-pointer",
         "-fsanitize=address,undefined",
         "-fno-sanitize-recover=all",
         "-DCUEMU_MAIN",
