@@ -251,8 +251,11 @@ def test_gpt2_training_step_equals_numpy_and_stays_on_the_device(method, where):
         for step, c in enumerate(dev["per_step"]):
             # the step's only transfers: ids, mask and labels moved once at the entry
             assert c.get("refused", 0) == 0
-            assert c.get("d2h", 0) == 0 or (method == "adalora"), (step, c)
-            assert c.get("h2d", 0) <= 3 or (method == "adalora" and step < 2), (step, c)
+            assert c.get("h2d", 0) <= 3, (step, c)
+            # none back to the host, except AdaLoRA's rank pattern (a list of booleans per
+            # adapted matrix, as HF PEFT's .tolist()) at its allocation steps
+            allowed = TINY["n_layer"] if method == "adalora" else 0
+            assert c.get("d2h", 0) <= allowed, (step, c)
 
 
 @pytest.mark.parametrize("where", DEVICES)
@@ -504,3 +507,34 @@ def test_qlora_trains_on_the_device_equal_to_numpy(impl, where):
         return model.loss(IDS, attention_mask=MASK)
 
     _same_on_device(where, build, run)
+
+
+@pytest.mark.parametrize("where", DEVICES)
+def test_optimizer_state_saves_the_host_bytes_and_resumes_on_the_device(where, tmp_path):
+    from minipeft.optim.io import load_state, save_state
+
+    def trained(name: str, path: Path) -> tuple[Any, Any]:
+        with on_backend(name):
+            minipeft.seed(0)
+            with minipeft.dtype_policy("float64"):
+                model = GPT2(GPT2Config(**TINY))
+            opt = AdamW(list(model.parameters()), lr=1e-2)
+            for _ in range(2):
+                model.loss(IDS).backward()
+                opt.step()
+                opt.zero_grad()
+            save_state(path, opt)
+            resumed = AdamW(list(model.parameters()), lr=1e-2)
+            load_state(path, resumed)
+            if name != "numpy":
+                for st in resumed.state.values():
+                    for v in st.values():
+                        assert not hasattr(v, "shape") or on_device(v)
+            model.loss(IDS).backward()
+            resumed.step()
+            return {k: host(v) for k, v in model.state_dict().items()}, path.read_bytes()
+
+    ref_state, ref_bytes = trained("numpy", tmp_path / "host.safetensors")
+    state, raw = trained(where, tmp_path / "device.safetensors")
+    assert raw == ref_bytes
+    _close(ref_state, state)
