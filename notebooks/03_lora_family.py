@@ -23,24 +23,31 @@
 # The experiments use one small, fully known task so they run in seconds: a frozen
 # W₀ (64×64) and a target W₀ + ΔW* with ΔW* of rank 4; an adapter is trained with AdamW
 # on the mean squared error of H = adapter(X) against X·(W₀ + ΔW*)ᵀ.
+#
+# It runs on the NumPy backend by default; `MINIPEFT_BACKEND=cupy` trains the adapters on a
+# GPU. The task (W₀, ΔW*, X) is built on the host, moved in explicitly (`to_device`), and the
+# results come back explicitly (`.numpy()`, `to_numpy`) to be checked, printed and plotted.
 
 # %%
 import matplotlib.pyplot as plt
 import numpy as np
 
+import minipeft
 from minipeft import backend
 from minipeft.autograd.gradcheck import gradcheck
 from minipeft.autograd.tensor import Tensor
+from minipeft.backend import to_device, to_numpy
 from minipeft.nn import Linear
 from minipeft.optim import AdamW
 from minipeft.peft import LoraLayer, dora_delta, loraplus_param_groups, vera_linear
 
+print("backend:", minipeft.get_backend())
 rng = np.random.default_rng(0)
 D, N = 64, 128
 X = rng.standard_normal((N, D))
 with backend.dtype_policy("float64"):
     backend.seed(0)
-    W0 = Linear(D, D, bias=False).weight.data.copy()
+    W0 = Linear(D, D, bias=False).weight.numpy()  # the frozen weight, kept on the host
 dW_true = rng.standard_normal((D, 4)) @ rng.standard_normal((4, D)) / 8  # rank 4
 Y = X @ (W0 + dW_true).T
 
@@ -49,7 +56,7 @@ def make_layer(r: int, **kw) -> LoraLayer:
     with backend.dtype_policy("float64"):
         backend.seed(1)
         base = Linear(D, D, bias=False)
-        base.weight.data[...] = W0
+        base.weight.data[...] = to_device(W0)
         layer = LoraLayer(base)
         layer.add_adapter("a", r=r, **kw)
     return layer
@@ -82,7 +89,7 @@ for rs in (False, True):
         layer = make_layer(r, lora_alpha=8, use_rslora=rs)
         p = [layer.lora_A["a"].weight, layer.lora_B["a"].weight]
         early = fit(layer, [{"params": p, "lr": 2e-3}], steps=10)
-        norm10 = float(np.linalg.norm(layer.delta_weight("a")))
+        norm10 = float(np.linalg.norm(to_numpy(layer.delta_weight("a"))))
         late = fit(layer, [{"params": p, "lr": 2e-3}], steps=90)
         results[(rs, r)] = (norm10, early + late)
         name = "α/√r" if rs else "α/r "
@@ -131,8 +138,8 @@ assert curves[16][-1] < curves[1][-1]
 shares = {}
 for init in ("pissa", "olora"):
     layer = make_layer(4, lora_alpha=8, init_lora_weights=init)
-    a, b = layer.lora_A["a"].weight.data, layer.lora_B["a"].weight.data
-    w_res = layer.base_layer.weight.data
+    a, b = layer.lora_A["a"].weight.numpy(), layer.lora_B["a"].weight.numpy()
+    w_res = layer.base_layer.weight.numpy()
     np.testing.assert_allclose(w_res + layer.scaling["a"] * b @ a, W0, atol=1e-12)
     shares[init] = np.linalg.norm(layer.scaling["a"] * b @ a) ** 2 / np.linalg.norm(W0) ** 2
     print(f"{init}: W₀' + s·B·A = W₀ ✓; s·B·A holds {100 * shares[init]:.1f}% of ‖W₀‖²_F")
@@ -166,15 +173,15 @@ assert res.per_input[2] > 1e-3  # ∂L/∂A drops the norm's term, by design
 
 layer = make_layer(4, lora_alpha=8, use_dora=True)
 np.testing.assert_allclose(
-    layer.lora_magnitude_vector["a"].weight.data, np.linalg.norm(W0, axis=1), atol=1e-12
+    layer.lora_magnitude_vector["a"].weight.numpy(), np.linalg.norm(W0, axis=1), atol=1e-12
 )
 dora_curve = fit(layer, [{"params": [p for p in layer.parameters() if p.requires_grad],
                           "lr": 2e-3}])  # fmt: skip
 print(f"DoRA r=4 loss after 100 steps: {dora_curve[-1]:.4f} "
       f"(LoRA r=4 α/r: {results[(False, 4)][1][-1]:.4f})")  # fmt: skip
-y = layer(Tensor(X)).data
+y = layer(Tensor(X)).numpy()
 layer.merge()
-np.testing.assert_allclose(layer(Tensor(X)).data, y, atol=1e-10)
+np.testing.assert_allclose(layer(Tensor(X)).numpy(), y, atol=1e-10)
 layer.unmerge()
 
 # %% [markdown]
@@ -190,14 +197,15 @@ pa = np.random.default_rng(5).uniform(-1, 1, (r, D)) * np.sqrt(6 / D)
 pb = np.random.default_rng(6).uniform(-1, 1, (D, r)) * np.sqrt(6 / r)
 xv = Tensor(X[:4])
 base_out = X[:4] @ W0.T
-vera_out = vera_linear(xv, Tensor(W0), None, Tensor(np.zeros(D)), Tensor(np.full(r, 0.1)), pa, pb)
+vera_out = vera_linear(xv, Tensor(W0), None, Tensor(np.zeros(D)), Tensor(np.full(r, 0.1)),
+                       to_device(pa), to_device(pb)).numpy()  # fmt: skip
 lecture_dw = (8 / r) * np.diag(np.ones(D)) @ pb @ np.diag(np.ones(r)) @ pa  # ones, α/r
-print(f"VeRA init:    max|ΔH| = {np.abs(vera_out.data - base_out).max():.1e}")
+print(f"VeRA init:    max|ΔH| = {np.abs(vera_out - base_out).max():.1e}")
 print(f"lecture init: ‖ΔW‖_F = {np.linalg.norm(lecture_dw):.2f}  (vs ‖W₀‖_F = "
       f"{np.linalg.norm(W0):.2f})")  # fmt: skip
 print(f"trainable per layer: VeRA d + r = {D + r}; the lecture's d + k = {D + D}; "
       f"LoRA r·(d + k) = {r * 2 * D}")  # fmt: skip
-np.testing.assert_array_equal(vera_out.data, base_out)
+np.testing.assert_array_equal(vera_out, base_out)
 assert np.linalg.norm(lecture_dw) > 1
 
 # %% [markdown]
@@ -245,7 +253,7 @@ for seed in (11, 12):
     with backend.dtype_policy("float64"):
         backend.seed(seed)
         base = Linear(D, D, bias=False)
-        base.weight.data[...] = W0
+        base.weight.data[...] = to_device(W0)
         lay = LoraLayer(base)
         lay.add_adapter("a", r=8, lora_alpha=8)
     fit(lay, loraplus_param_groups(lay, lr=2e-3), steps=60)
@@ -260,6 +268,6 @@ plt.ylabel("i")
 plt.title("subspace similarity")
 plt.show()
 a_cat, b_cat, s_cat = combine_cat(trained, [0.5, 0.5])
-np.testing.assert_allclose(s_cat * b_cat @ a_cat, combined_delta(trained, [0.5, 0.5]),
-                           atol=1e-12)  # fmt: skip
+np.testing.assert_allclose(to_numpy(s_cat * b_cat @ a_cat),
+                           to_numpy(combined_delta(trained, [0.5, 0.5])), atol=1e-12)  # fmt: skip
 assert 0.0 <= phi.min() and phi.max() <= 1.0 + 1e-12
