@@ -58,6 +58,7 @@ __all__ = [
     "set_default_dtype",
     "to_device",
     "to_numpy",
+    "using",
     "xp",
     "xp_of",
 ]
@@ -219,6 +220,17 @@ def set_default_dtype(dtype: Any) -> None:
     if d.name not in _FLOAT_DTYPES:
         raise TypeError(f"dtype: expected one of {_FLOAT_DTYPES}, got {d.name}")
     _DEFAULT_DTYPE = d
+
+
+@contextlib.contextmanager
+def using(name: str) -> Iterator[None]:
+    """Temporarily create new arrays on backend ``name`` ("numpy" or "cupy")."""
+    old = _BACKEND
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(old)
 
 
 @contextlib.contextmanager

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from .. import backend
+
 __all__ = [
     "DERIVATIONS_DIR",
     "Equation",
@@ -136,12 +138,19 @@ def select(pattern: str | None = None) -> list[Equation]:
 
 
 def run(equations: list[Equation]) -> list[Result]:
-    """Run each check; an exception is a failure with its message, never a crash."""
+    """Run each check; an exception is a failure with its message, never a crash.
+
+    The checks are the host's float64 oracle (their references and golden vectors are
+    NumPy arrays), so they always run on the NumPy backend, whatever backend is selected:
+    a notebook on the GPU still shows the same report. That the device computes the same
+    is the backend tests' job (tests/test_ops.py and tests/test_device.py, run per backend).
+    """
     results = []
     for eq in equations:
         t0 = time.perf_counter()
         try:
-            out = eq.check()
+            with backend.using("numpy"):
+                out = eq.check()
             err = float(out.error)
             passed = bool(np.isfinite(err) and err <= eq.tol)
             dt = time.perf_counter() - t0

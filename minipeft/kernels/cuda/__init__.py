@@ -44,9 +44,14 @@ def device_available() -> bool:
         return False
 
 
-@functools.cache
 def load_module(name: str, options: tuple[str, ...] = ("--std=c++17",)) -> Any:
-    """``cupy.RawModule`` compiled from ``<name>.cu`` (cached per name and options)."""
+    """``cupy.RawModule`` compiled from ``<name>.cu`` (cached per CuPy module, name and
+    options: the tests put a CPU stand-in in CuPy's place, and one process may see both)."""
     import cupy
 
+    return _load_module(cupy, name, options)
+
+
+@functools.cache
+def _load_module(cupy: Any, name: str, options: tuple[str, ...]) -> Any:
     return cupy.RawModule(code=source_path(name).read_text(), options=options)

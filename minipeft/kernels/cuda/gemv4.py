@@ -29,6 +29,9 @@ def gemv_4bit(packed: Any, state: Any, x: Any) -> Any:
     packed_d = cupy.ascontiguousarray(cupy.asarray(packed), dtype=cupy.uint8).reshape(-1)
     xs = cupy.ascontiguousarray(cupy.asarray(x), dtype=cupy.float32).reshape(-1, in_f)  # (B, in)
     n_rows = int(xs.shape[0])
+    if n_rows == 0:  # an empty batch: CUDA rejects a grid with a zero dimension
+        y = cupy.empty((0, out_f), dtype=cupy.float32)
+        return y.reshape(out_f) if x.ndim == 1 else y
     dummy_u8, dummy_f = cupy.zeros(1, cupy.uint8), cupy.zeros(1, cupy.float32)
     if state.state2 is None:
         absmax, qabs, absmax2 = cupy.asarray(state.absmax, dtype=cupy.float32), dummy_u8, dummy_f
