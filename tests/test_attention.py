@@ -14,6 +14,7 @@ import warnings
 
 import numpy as np
 import pytest
+from device import BACKENDS, host, on_backend
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import float_arrays, layouts, with_layout
@@ -503,17 +504,17 @@ def test_pytorch_is_causal_when_square():
     np.testing.assert_allclose(out, ref.numpy(), rtol=1e-10, atol=1e-12)
 
 
-def test_cupy_matches_numpy():
-    cupy = pytest.importorskip("cupy", reason="CuPy (gpu extra) is not installed")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("CuPy sees no CUDA device")
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        pytest.skip(f"CUDA is unusable here: {exc}")
+@pytest.mark.parametrize("where", [b for b in BACKENDS if b != "numpy"])
+def test_device_matches_numpy(where):
+    """The fused attention with a prefix, padding and a causal mask on the device (the strict
+    CuPy stand-in here, the real CuPy on a GPU) equals NumPy, gradients included."""
     (q, k, v), kw, g = make_case("causal_prefix_padding")
     out_n, grads_n = fwd_bwd(scaled_dot_product_attention, (q, k, v), g, **kw)
-    arrays = [cupy.asarray(a) for a in (q, k, v)]
-    out_c, grads_c = fwd_bwd(scaled_dot_product_attention, arrays, cupy.asarray(g), **kw)
-    np.testing.assert_allclose(cupy.asnumpy(out_c), out_n, rtol=1e-10, atol=1e-12)
-    for a, b in zip(grads_c, grads_n):
-        np.testing.assert_allclose(cupy.asnumpy(a), b, rtol=1e-10, atol=1e-12)
+    with on_backend(where) as xp:
+        arrays = [xp.asarray(a) for a in (q, k, v)]
+        kw_d = {k_: xp.asarray(v_) if isinstance(v_, np.ndarray) else v_ for k_, v_ in kw.items()}
+        out_c, grads_c = fwd_bwd(scaled_dot_product_attention, arrays, xp.asarray(g), **kw_d)
+        assert all(backend.placement(a) == "cupy" for a in (out_c, *grads_c))
+        np.testing.assert_allclose(host(out_c), out_n, rtol=1e-10, atol=1e-12)
+        for a, b in zip(grads_c, grads_n):
+            np.testing.assert_allclose(host(a), b, rtol=1e-10, atol=1e-12)
