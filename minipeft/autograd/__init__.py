@@ -36,7 +36,9 @@ from .ops import (
     var,
     where,
 )  # fmt: skip
-from .tensor import Function, Tensor, as_tensor, is_grad_enabled, no_grad, tensor
+from .tensor import Function, Tensor, _bind_ops, as_tensor, is_grad_enabled, no_grad, tensor
+
+_bind_ops(ops)  # Tensor's operators (+, *, @, .sum(), …) call these ops, bound once
 
 __all__ = [
     "Function", "GradcheckResult", "Tensor", "add", "as_tensor", "astype", "concat",

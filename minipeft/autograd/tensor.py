@@ -45,6 +45,15 @@ __all__ = [
 
 _GRAD_ENABLED = True
 
+#: minipeft.autograd.ops, bound once by the package's __init__ (ops imports this module, so
+#: it cannot be imported here); the operators below call through it
+_ops: Any = None
+
+
+def _bind_ops(module: Any) -> None:
+    global _ops
+    _ops = module
+
 
 def is_grad_enabled() -> bool:
     """Whether new operations are being recorded for backward."""
@@ -162,9 +171,7 @@ class Tensor:
 
     def astype(self, dtype: Any) -> Tensor:
         """A differentiable dtype cast."""
-        from .ops import astype
-
-        return astype(self, dtype)
+        return _ops.astype(self, dtype)
 
     def zero_grad(self) -> None:
         self.grad = None
@@ -254,143 +261,91 @@ class Tensor:
 
     # ------------------------------------------------------------------ operators
     def __add__(self, other: Any) -> Tensor:
-        from .ops import add
-
-        return add(self, other)
+        return _ops.add(self, other)
 
     def __radd__(self, other: Any) -> Tensor:
-        from .ops import add
-
-        return add(other, self)
+        return _ops.add(other, self)
 
     def __sub__(self, other: Any) -> Tensor:
-        from .ops import sub
-
-        return sub(self, other)
+        return _ops.sub(self, other)
 
     def __rsub__(self, other: Any) -> Tensor:
-        from .ops import sub
-
-        return sub(other, self)
+        return _ops.sub(other, self)
 
     def __mul__(self, other: Any) -> Tensor:
-        from .ops import mul
-
-        return mul(self, other)
+        return _ops.mul(self, other)
 
     def __rmul__(self, other: Any) -> Tensor:
-        from .ops import mul
-
-        return mul(other, self)
+        return _ops.mul(other, self)
 
     def __truediv__(self, other: Any) -> Tensor:
-        from .ops import div
-
-        return div(self, other)
+        return _ops.div(self, other)
 
     def __rtruediv__(self, other: Any) -> Tensor:
-        from .ops import div
-
-        return div(other, self)
+        return _ops.div(other, self)
 
     def __neg__(self) -> Tensor:
-        from .ops import neg
-
-        return neg(self)
+        return _ops.neg(self)
 
     def __pow__(self, exponent: float) -> Tensor:
-        from .ops import pow as pow_
-
-        return pow_(self, exponent)
+        return _ops.pow(self, exponent)
 
     def __matmul__(self, other: Any) -> Tensor:
-        from .ops import matmul
-
-        return matmul(self, other)
+        return _ops.matmul(self, other)
 
     def __rmatmul__(self, other: Any) -> Tensor:
-        from .ops import matmul
-
-        return matmul(other, self)
+        return _ops.matmul(other, self)
 
     def __getitem__(self, index: Any) -> Tensor:
-        from .ops import getitem
-
-        return getitem(self, index)
+        return _ops.getitem(self, index)
 
     # ------------------------------------------------------------------ methods
     def sum(self, axis: Any = None, keepdims: bool = False) -> Tensor:
-        from .ops import sum as sum_
-
-        return sum_(self, axis=axis, keepdims=keepdims)
+        return _ops.sum(self, axis=axis, keepdims=keepdims)
 
     def mean(self, axis: Any = None, keepdims: bool = False) -> Tensor:
-        from .ops import mean
-
-        return mean(self, axis=axis, keepdims=keepdims)
+        return _ops.mean(self, axis=axis, keepdims=keepdims)
 
     def max(self, axis: Any = None, keepdims: bool = False) -> Tensor:
-        from .ops import max as max_
-
-        return max_(self, axis=axis, keepdims=keepdims)
+        return _ops.max(self, axis=axis, keepdims=keepdims)
 
     def var(self, axis: Any = None, keepdims: bool = False, ddof: int = 0) -> Tensor:
-        from .ops import var
-
-        return var(self, axis=axis, keepdims=keepdims, ddof=ddof)
+        return _ops.var(self, axis=axis, keepdims=keepdims, ddof=ddof)
 
     def reshape(self, *shape: Any) -> Tensor:
-        from .ops import reshape
-
         if len(shape) == 1 and isinstance(shape[0], tuple | list):
             shape = tuple(shape[0])
-        return reshape(self, shape)
+        return _ops.reshape(self, shape)
 
     def transpose(self, *axes: Any) -> Tensor:
-        from .ops import transpose
-
         if len(axes) == 1 and isinstance(axes[0], tuple | list):
             axes = tuple(axes[0])
-        return transpose(self, axes or None)
+        return _ops.transpose(self, axes or None)
 
     def permute(self, *axes: int) -> Tensor:
         return self.transpose(*axes)
 
     @property
     def T(self) -> Tensor:
-        from .ops import transpose
-
-        return transpose(self, None)
+        return _ops.transpose(self, None)
 
     def exp(self) -> Tensor:
-        from .ops import exp
-
-        return exp(self)
+        return _ops.exp(self)
 
     def log(self) -> Tensor:
-        from .ops import log
-
-        return log(self)
+        return _ops.log(self)
 
     def sqrt(self) -> Tensor:
-        from .ops import sqrt
-
-        return sqrt(self)
+        return _ops.sqrt(self)
 
     def tanh(self) -> Tensor:
-        from .ops import tanh
-
-        return tanh(self)
+        return _ops.tanh(self)
 
     def relu(self) -> Tensor:
-        from .ops import relu
-
-        return relu(self)
+        return _ops.relu(self)
 
     def sigmoid(self) -> Tensor:
-        from .ops import sigmoid
-
-        return sigmoid(self)
+        return _ops.sigmoid(self)
 
 
 def tensor(data: Any, requires_grad: bool = False, dtype: Any = None) -> Tensor:
