@@ -30,6 +30,11 @@
 # `minipeft/quant/blockwise.py` and `double_quant.py` (bitsandbytes-compatible). Registered
 # checks: `python -m minipeft verify quant`. Sample sizes here are moderate so the notebook
 # runs in seconds; the full-size tables are in the derivation (`python -m minipeft.quant.mse`).
+#
+# Everything here is analysis of codebooks on NumPy arrays (with SciPy), and minipeft
+# computes where its inputs live: under `MINIPEFT_BACKEND=cupy`, which puts new tensors on
+# a GPU, this notebook still runs on the host, unchanged. Notebook 05 puts a 4-bit layer on
+# the device.
 
 # %%
 import itertools
@@ -40,6 +45,7 @@ import numpy as np
 from scipy import integrate, special
 from tqdm.auto import tqdm
 
+import minipeft
 from minipeft.quant.codebooks import LECTURE_NF4_LISTED, NF4_OFFSET, nf4_codebook
 from minipeft.quant.lloyd_max import (
     code_entropy,
@@ -62,6 +68,8 @@ from minipeft.quant.mse import (
     standard_codecs,
     student_t_data,
 )
+
+print("backend:", minipeft.get_backend())
 
 
 def phi(x):
