@@ -518,6 +518,30 @@ class BertModel(Module):
             )
             raise FileNotFoundError(f"{weights}: no such file{hint}")
         config = BertConfig.from_json_file(d / "config.json")
+        c, anchor = config, "embeddings.word_embeddings.weight"
+        found = [k for k in io.read_safetensors_header(weights) if k.endswith(anchor)]
+        if len(found) == 1:  # (otherwise _canonical_state says what is wrong)
+            io.check_config_sizes(  # the config's sizes against the file's, before allocating
+                d / "config.json",
+                weights,
+                {
+                    anchor: (("vocab_size", c.vocab_size), ("hidden_size", c.hidden_size)),
+                    "embeddings.position_embeddings.weight": (
+                        ("max_position_embeddings", c.max_position_embeddings),
+                        ("hidden_size", c.hidden_size),
+                    ),
+                    "embeddings.token_type_embeddings.weight": (
+                        ("type_vocab_size", c.type_vocab_size),
+                        ("hidden_size", c.hidden_size),
+                    ),
+                    "encoder.layer.0.intermediate.dense.weight": (
+                        ("intermediate_size", c.intermediate_size),
+                        ("hidden_size", c.hidden_size),
+                    ),
+                },
+                ("encoder.layer.", "num_hidden_layers", c.num_hidden_layers),
+                prefix=found[0][: -len(anchor)],
+            )
         tensors = io.load_safetensors(weights)
         state = _canonical_state(tensors, weights)
         dt = np.dtype(dtype) if dtype is not None else backend.default_dtype()

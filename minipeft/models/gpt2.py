@@ -589,6 +589,19 @@ class GPT2(Module):
             )
             raise FileNotFoundError(f"{weights}: no such file{hint}")
         config = GPT2Config.from_json_file(d / "config.json")
+        c = config  # the config's sizes must match the file's before anything is built
+        bare = "wte.weight" in io.read_safetensors_header(weights)
+        io.check_config_sizes(
+            d / "config.json",
+            weights,
+            {
+                "wte.weight": (("vocab_size", c.vocab_size), ("n_embd", c.n_embd)),
+                "wpe.weight": (("n_positions", c.n_positions), ("n_embd", c.n_embd)),
+                "h.0.mlp.c_fc.weight": (("n_embd", c.n_embd), ("n_inner", c.inner_dim)),
+            },
+            ("h.", "n_layer", c.n_layer),
+            prefix="" if bare else "transformer.",
+        )
         dt = np.dtype(dtype) if dtype is not None else backend.default_dtype()
         with backend.dtype_policy(dt):
             model = cls(config)
@@ -623,15 +636,20 @@ class GPT2(Module):
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``config.json`` and ``model.safetensors`` in the layout transformers loads.
 
-        Like transformers 5.x, a tied model's file has no ``lm_head.weight``. Both files
-        are written atomically (temporary file, then rename).
+        Like transformers 5.x, a tied model's file has no ``lm_head.weight``. The directory
+        is written atomically (``minipeft.io.atomic_directory``): a crash leaves the old
+        weights and config or the new ones, never new weights with an old config.
         """
+        from ..io import atomic_directory
+
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        io.save_safetensors_atomic(d / "model.safetensors", self.state_dict(), {"format": "pt"})
         cfg = self.config.to_dict()
         cfg["dtype"] = str(self.lm_head_weight.dtype)
-        io.write_json_atomic(d / "config.json", cfg)
+        with atomic_directory(d) as tmp:  # weights and config replaced together
+            io.save_safetensors_atomic(
+                tmp / "model.safetensors", self.state_dict(), {"format": "pt"}
+            )
+            io.write_json_atomic(tmp / "config.json", cfg)
         return d
 
 

@@ -9,7 +9,8 @@ actual value:
   bfloat16 tensors (common on the Hub; NumPy has no bfloat16) are widened to float32
   exactly: a bfloat16 is the top 16 bits of a float32.
 * ``save_safetensors_atomic(path, tensors, metadata)`` — written to a temporary file in
-  the same directory, then renamed into place, so a reader never sees half a file.
+  the same directory, fsync'ed, then renamed into place (``minipeft.io.atomic_write``), so
+  a reader never sees half a file.
 * ``read_json_config(path, cls, ignored_keys=..., accepted_values=...)`` — a dataclass
   from a JSON object under an explicit key policy (see ``config_from_dict``).
 
@@ -25,8 +26,7 @@ import dataclasses
 import json
 import os
 import struct
-import tempfile
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,13 +34,16 @@ import numpy as np
 
 from .. import backend
 from ..autograd.tensor import data_of
+from ..io import atomic_write
 
 __all__ = [
     "CheckpointError",
     "atomic_write",
+    "check_config_sizes",
     "check_tensors",
     "config_from_dict",
     "load_safetensors",
+    "loads_json",
     "read_json",
     "read_json_config",
     "read_safetensors_header",
@@ -82,9 +85,10 @@ def read_safetensors_header(path: PathLike) -> dict[str, dict[str, Any]]:
                 f"{p}: not a safetensors file (header length {n} for a file of {size} bytes)"
             )
         try:
-            header = json.loads(fh.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            text = fh.read(n).decode("utf-8")
+        except UnicodeDecodeError as exc:
             raise CheckpointError(f"{p}: not a safetensors file (bad JSON header: {exc})") from None
+        header = loads_json(text, f"{p}: not a safetensors file (bad JSON header)")
     if not isinstance(header, dict):
         raise CheckpointError(f"{p}: not a safetensors file (header is not a JSON object)")
     return header
@@ -183,6 +187,58 @@ def check_tensors(
         raise CheckpointError(f"{source}: " + ", ".join(problems))
 
 
+def check_config_sizes(
+    config_path: PathLike,
+    weights: PathLike,
+    dims: Mapping[str, tuple[tuple[str, int], ...]],
+    layers: tuple[str, str, int] | None = None,
+    *,
+    prefix: str = "",
+) -> None:
+    """Check a config's sizes against the weights file's header, before any allocation.
+
+    dims: tensor name (after ``prefix``) → one ``(config field, value)`` per dimension of
+    its shape. layers: ``(name prefix, config field, value)`` — the number of distinct
+    ``<name prefix><i>.`` blocks in the file must equal ``value``. Reads only the header,
+    so a config claiming ``n_positions = 10**12`` is refused before anything of that size
+    is built. Raises CheckpointError naming the config file, the field and both values.
+    """
+    header = read_safetensors_header(weights)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key, info in header.items():
+        if key == "__metadata__" or not key.startswith(prefix):
+            continue
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if not isinstance(shape, list) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+        ):
+            raise CheckpointError(f"{weights}: tensor {key!r} has a malformed shape {shape!r}")
+        shapes[key[len(prefix) :]] = tuple(shape)
+    for name, fields in dims.items():
+        if name not in shapes:
+            raise CheckpointError(f"{weights}: missing tensor {prefix + name!r}")
+        got = shapes[name]
+        if len(got) != len(fields):
+            raise CheckpointError(
+                f"{weights}: {prefix + name} has shape {got}, expected {len(fields)} dimensions"
+            )
+        for axis, ((field, value), n) in enumerate(zip(fields, got, strict=True)):
+            if n != value:
+                raise CheckpointError(
+                    f"{config_path}: {field}={value} does not match {weights}: "
+                    f"{prefix + name} has {n} along axis {axis} (shape {got})"
+                )
+    if layers is not None:
+        start, field, value = layers
+        found = {k[len(start) :].split(".", 1)[0] for k in shapes if k.startswith(start)}
+        count = len({int(i) for i in found if i.isdigit()})
+        if count != value:
+            raise CheckpointError(
+                f"{config_path}: {field}={value} does not match {weights}, which holds "
+                f"{count} layers ({prefix}{start}<i>.*)"
+            )
+
+
 def save_safetensors_atomic(
     path: PathLike, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None
 ) -> Path:
@@ -212,28 +268,9 @@ def save_safetensors_atomic(
     return atomic_write(p, lambda tmp: save_file(arrays, tmp, metadata=dict(metadata or {})))
 
 
-def atomic_write(path: PathLike, write: Callable[[str], Any]) -> Path:
-    """Call ``write(tmp_path)`` for a temporary file beside ``path``, then rename it.
-
-    If ``write`` fails the temporary file is removed and ``path`` is left untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
 # ---------------------------------------------------------------------------- JSON
 def write_json_atomic(path: PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON to ``path`` atomically (temporary file + rename)."""
+    """Write ``obj`` as indented JSON to ``path`` atomically (``minipeft.io.atomic_write``)."""
 
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
@@ -243,15 +280,63 @@ def write_json_atomic(path: PathLike, obj: Any) -> Path:
     return atomic_write(Path(path), write)
 
 
+MAX_JSON_DEPTH = 64  # configs nest a few levels; HF's deepest are well under 10
+MAX_JSON_BYTES = 64 * 2**20  # a config.json is kilobytes
+
+
+def _depth(obj: Any) -> int:
+    """Nesting depth of parsed JSON (iterative: no recursion of our own)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        node, d = stack.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, d)
+            stack.extend((v, d + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+def loads_json(text: str, source: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` with a depth guard; CheckpointError naming ``source`` on bad input.
+
+    CPython's JSON decoder recurses once per level and stops at the interpreter's
+    recursion limit (RecursionError, after ~1000 levels, in bounded time and memory); that
+    and any depth beyond ``max_depth`` become a CheckpointError instead of escaping.
+    """
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{source}: invalid JSON: {exc}") from None
+    except RecursionError:
+        raise CheckpointError(
+            f"{source}: JSON nested too deeply (more than {max_depth} levels)"
+        ) from None
+    depth = _depth(data)
+    if depth > max_depth:
+        raise CheckpointError(
+            f"{source}: JSON nested too deeply: expected at most {max_depth} levels, got {depth}"
+        )
+    return data
+
+
 def read_json(path: PathLike) -> dict[str, Any]:
-    """A JSON object from ``path``; errors name the file (missing, invalid, not an object)."""
+    """A JSON object from ``path``; errors name the file (missing, invalid, not an object).
+
+    Files over ``MAX_JSON_BYTES`` and JSON nested deeper than ``MAX_JSON_DEPTH`` are
+    refused before they can exhaust memory or the stack.
+    """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such JSON file")
+    size = p.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise CheckpointError(
+            f"{p}: expected a JSON file of at most {MAX_JSON_BYTES} bytes, got {size} bytes"
+        )
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
         raise CheckpointError(f"{p}: invalid JSON: {exc}") from None
+    data = loads_json(text, str(p))
     if not isinstance(data, dict):
         raise CheckpointError(f"{p}: expected a JSON object, got {type(data).__name__}")
     return data

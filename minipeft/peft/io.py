@@ -16,7 +16,9 @@ adapter name removed (``get_peft_model_state_dict``):
 minipeft's module tree has the same names with the adapter name inside
 (``lora_A.default.weight``), so the mapping is a rename. Loading validates everything —
 unknown keys, missing tensors, wrong shapes, unsupported options — before writing any
-weight, and saving writes each file to a temporary name and renames it into place.
+weight, and saving writes the directory atomically (``minipeft.io.atomic_directory``): a
+crash leaves the complete old adapter or the complete new one, never new weights with an
+old config.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 
 from .. import backend
 from ..autograd.tensor import Tensor
+from ..io import atomic_directory
 from ..models.io import (
     CheckpointError,
     load_safetensors,
@@ -130,8 +133,9 @@ def save_adapter(model: PeftModel, save_directory: str | Path, adapter: str) -> 
         tensors = _prune_adalora(tensors, cfg.rank_pattern)
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
-    save_safetensors_atomic(out / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
-    write_json_atomic(out / CONFIG_NAME, d)
+    with atomic_directory(out) as tmp:  # weights and config replaced together, never a mix
+        save_safetensors_atomic(tmp / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+        write_json_atomic(tmp / CONFIG_NAME, d)
     return out
 
 
