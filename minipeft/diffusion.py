@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -40,6 +39,7 @@ import numpy as np
 from . import backend
 from .autograd import ops
 from .autograd.tensor import Tensor, data_of, no_grad
+from .io import atomic_write
 from .nn.layers import Embedding, LayerNorm, Linear
 from .nn.module import Module, ModuleList
 from .optim import AdamW
@@ -450,15 +450,7 @@ def save_checkpoint(path: str | os.PathLike, model: Denoiser, extra: dict | None
     if extra:
         meta["extra"] = json.dumps(extra, sort_keys=True)
     tensors = {k: np.ascontiguousarray(backend.to_numpy(v)) for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:

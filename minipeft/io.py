@@ -181,6 +181,29 @@ def _probe_writable(parent: Path, argname: str, shown: PathLike) -> None:
 
 
 # ------------------------------------------------------------------------- checks
+def _existing_target(p: Path, argname: str, directory: bool, note: str = "") -> Path | None:
+    """The real path of an existing ``p`` of the right kind, None if ``p`` does not exist."""
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise OutputPathError(f"{argname}: cannot write {p}: {exc.strerror or exc}") from None
+    ok, want = (stat.S_ISDIR, "a directory") if directory else (stat.S_ISREG, "a regular file")
+    if not ok(st.st_mode):
+        raise OutputPathError(
+            f"{argname}: expected {want} or a new path, got {_kind(st.st_mode)}: {p}{note}"
+        )
+    return Path(os.path.realpath(p))
+
+
+def _check_target(path: PathLike, argname: str, directory: bool) -> Path:
+    p = _as_path(path, "directory" if directory else "file")
+    target = _existing_target(p, argname, directory) or p
+    _probe_writable(target.parent if str(target.parent) else Path("."), argname, p)
+    return p
+
+
 def check_file_target(path: PathLike, argname: str = "path") -> Path:
     """Raise OutputPathError unless ``path`` can be written as a regular file.
 
@@ -188,38 +211,12 @@ def check_file_target(path: PathLike, argname: str = "path") -> Path:
     existing ancestor it would be created in, must be writable (tested by creating and
     removing a probe file). Nothing else is touched.
     """
-    p = _as_path(path, "file")
-    try:
-        st = os.stat(p)
-    except FileNotFoundError:
-        st = None
-    except OSError as exc:
-        raise OutputPathError(f"{argname}: cannot write {p}: {exc.strerror or exc}") from None
-    if st is not None and not stat.S_ISREG(st.st_mode):
-        raise OutputPathError(
-            f"{argname}: expected a regular file or a new path, got {_kind(st.st_mode)}: {p}"
-        )
-    target = Path(os.path.realpath(p)) if st is not None else p
-    _probe_writable(target.parent if str(target.parent) else Path("."), argname, p)
-    return p
+    return _check_target(path, argname, directory=False)
 
 
 def check_directory_target(path: PathLike, argname: str = "path") -> Path:
     """Raise OutputPathError unless ``path`` can be (re)written as a directory."""
-    p = _as_path(path, "directory")
-    try:
-        st = os.stat(p)
-    except FileNotFoundError:
-        st = None
-    except OSError as exc:
-        raise OutputPathError(f"{argname}: cannot write {p}: {exc.strerror or exc}") from None
-    if st is not None and not stat.S_ISDIR(st.st_mode):
-        raise OutputPathError(
-            f"{argname}: expected a directory or a new path, got {_kind(st.st_mode)}: {p}"
-        )
-    target = Path(os.path.realpath(p)) if st is not None else p
-    _probe_writable(target.parent if str(target.parent) else Path("."), argname, p)
-    return p
+    return _check_target(path, argname, directory=True)
 
 
 # ------------------------------------------------------------------------- files
@@ -232,16 +229,7 @@ def atomic_write(path: PathLike, write: Callable[[str], Any]) -> Path:
     removed and ``path`` is untouched. Returns ``path``.
     """
     p = _as_path(path, "file")
-    try:
-        st = os.stat(p)
-    except FileNotFoundError:
-        st = None
-    if st is not None and not stat.S_ISREG(st.st_mode):
-        raise OutputPathError(
-            f"path: expected a regular file or a new path, got {_kind(st.st_mode)}: {p}; "
-            "refusing to replace it"
-        )
-    target = Path(os.path.realpath(p)) if st is not None else p
+    target = _existing_target(p, "path", False, "; refusing to replace it") or p
     parent = target.parent if str(target.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
     _cleanup_stale(parent, target.name)
@@ -352,16 +340,7 @@ def atomic_directory(path: PathLike, *, keep_existing: bool = True) -> Iterator[
     guarantee and the one fallback window.
     """
     p = _as_path(path, "directory")
-    try:
-        st = os.stat(p)
-    except FileNotFoundError:
-        st = None
-    if st is not None and not stat.S_ISDIR(st.st_mode):
-        raise OutputPathError(
-            f"path: expected a directory or a new path, got {_kind(st.st_mode)}: {p}; "
-            "refusing to replace it"
-        )
-    target = Path(os.path.realpath(p)) if st is not None else p.absolute()
+    target = _existing_target(p, "path", True, "; refusing to replace it") or p.absolute()
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     _cleanup_stale(parent, target.name)

@@ -33,8 +33,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable, Mapping, Sequence
@@ -46,6 +44,7 @@ import numpy as np
 from . import backend
 from .autograd import ops
 from .autograd.tensor import Tensor, no_grad
+from .io import atomic_directory, atomic_write, atomic_write_text
 from .nn.layers import Linear
 from .nn.module import Module
 from .optim import AdamW
@@ -363,30 +362,27 @@ def _train(
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(
     directory: str | Path, model: Module, optimizer: AdamW, result: TrainResult, step: int
 ) -> Path:
-    """Write trainable tensors, optimizer state and progress (step, curves) to ``directory``."""
+    """Write trainable tensors, optimizer state and progress (step, curves) to ``directory``.
+
+    The directory is replaced as a whole (``minipeft.io.atomic_directory``): a crash leaves
+    the previous checkpoint or this one, never weights of one step with the optimizer
+    state or step count of another.
+    """
     from safetensors.numpy import save_file
 
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     tensors = {
         n: np.ascontiguousarray(backend.to_numpy(p.data)) for n, p in trainable_parameters(model)
     }
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    os.close(fd)
-    save_file(tensors, tmp, metadata={"format": "minipeft-trainable/1"})
-    os.replace(tmp, d / "trainable.safetensors")
-    save_state(d / "optimizer.safetensors", optimizer)
-    _write_json_atomic(d / "trainer.json", {"step": step, "result": result.to_json()})
+    progress = json.dumps({"step": step, "result": result.to_json()}, indent=1)
+    meta = {"format": "minipeft-trainable/1"}
+    with atomic_directory(d) as tmp:
+        atomic_write(tmp / "trainable.safetensors", lambda f: save_file(tensors, f, metadata=meta))
+        save_state(tmp / "optimizer.safetensors", optimizer)
+        atomic_write_text(tmp / "trainer.json", progress)
     return d
 
 

@@ -53,7 +53,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -66,6 +65,7 @@ import numpy as np
 from .. import backend
 from ..autograd.tensor import Tensor, no_grad
 from ..data import LexiconTask, general_sentences, sentiment_lexicon_task
+from ..io import atomic_write, atomic_write_text
 from ..nn.module import Module
 from ..train import (
     SentenceClassifier,
@@ -706,27 +706,24 @@ def plot_curves(results: Mapping[str, Any], path: str | Path | None = None) -> A
     return fig
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are for everyone to read
-    os.replace(tmp, path)
-
-
 def write_results(results: Mapping[str, Any], out: str | Path) -> list[Path]:
     """real_model_comparison.json/.md and real_model_curves.png in ``out`` (created)."""
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
     js, md = d / "real_model_comparison.json", d / "real_model_comparison.md"
     png = d / "real_model_curves.png"
-    _write_atomic(js, json.dumps(results, indent=1) + "\n")
-    _write_atomic(md, _markdown(results))
+    atomic_write_text(js, json.dumps(results, indent=1) + "\n")
+    atomic_write_text(md, _markdown(results))
     import matplotlib.pyplot as plt
 
-    fig = plot_curves(results, d / "real_model_curves.tmp.png")
+    fig = plot_curves(results)
+
+    def save_png(tmp: str) -> None:
+        with open(tmp, "wb") as fh:  # a file object: savefig adds no extension to the name
+            fig.savefig(fh, format="png", dpi=100)
+
+    atomic_write(png, save_png)
     plt.close(fig)
-    os.replace(d / "real_model_curves.tmp.png", png)
     return [js, md, png]
 
 

@@ -4,20 +4,20 @@ Arrays (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``) are stored as tensors 
 ``state.<param index>.<name>``; everything else — the param groups' hyperparameters, the
 integer step counters, the schedule's counter and base rates — goes, as JSON, into the
 safetensors metadata under ``"minipeft_optim"``. Nothing is pickled. The file is written
-to a temporary name and renamed into place.
+atomically (``minipeft.io.atomic_write``: temporary file, fsync, rename).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import backend
+from ..io import atomic_write
 from .optimizer import Optimizer
 from .schedules import LambdaLR
 
@@ -53,17 +53,8 @@ def save_state(
         "scalars": scalars,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
     }
-    out = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=out.parent if str(out.parent) else ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"minipeft_optim": json.dumps(header)})
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return out
+    meta = {"minipeft_optim": json.dumps(header)}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def load_state(

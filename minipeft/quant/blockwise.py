@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import backend
 from ..backend import to_numpy
+from ..io import atomic_write
 from .codebooks import decision_boundaries, dynamic_map_signed, get_codebook
 from .double_quant import DQ_BLOCKSIZE, DoubleQuantState, double_dequantize, double_quantize
 
@@ -266,7 +265,13 @@ def quantize_4bit(
     impl: 'numba' (default), 'reference' (NumPy) or 'cuda' (x a CuPy array); all give the
     same bytes.
     """
-    _check_blocksize(blocksize)
+    _check_blocksize(blocksize)  # (a bool is a ValueError there; 64.0 passes `in`, so:)
+    if not isinstance(blocksize, int | np.integer):
+        raise TypeError(
+            f"blocksize: expected an int in {VALID_BLOCKSIZES}, got {type(blocksize).__name__} "
+            f"{blocksize!r}"
+        )
+    blocksize = int(blocksize)
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type: expected one of {QUANT_TYPES}, got {quant_type!r}")
     if not isinstance(double_quant, bool | np.bool_):
@@ -380,28 +385,72 @@ def save_4bit(path: str | os.PathLike[str], packed: np.ndarray, state: QuantStat
     state.validate()
     tensors = {"packed": np.ascontiguousarray(to_numpy(packed)), **state.tensors()}
     meta = {"minipeft.quant_state": json.dumps(state.metadata())}
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)  # atomic rename into place
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def load_4bit(path: str | os.PathLike[str]) -> tuple[np.ndarray, QuantState]:
-    """Read what :func:`save_4bit` wrote: (packed, state), validated."""
-    from safetensors import safe_open
+    """Read what :func:`save_4bit` wrote: (packed, state), validated.
 
-    with safe_open(str(path), framework="numpy") as f:
-        meta_raw = (f.metadata() or {}).get("minipeft.quant_state")
-        if meta_raw is None:
-            raise ValueError(f"path: {path} has no 'minipeft.quant_state' metadata")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    state = QuantState.from_parts(tensors, json.loads(meta_raw))
+    Every field is checked before use — missing tensors or metadata keys, a shape that is
+    not a list of non-negative ints, a blocksize that is not an int, non-finite codebooks
+    or scales — and raises ValueError naming the file and the field.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta_raw = (f.metadata() or {}).get("minipeft.quant_state")
+            if meta_raw is None:
+                raise ValueError(f"path: {path} has no 'minipeft.quant_state' metadata")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as exc:
+        raise ValueError(f"path: {path} is not a readable safetensors file: {exc}") from None
+    try:
+        meta = json.loads(meta_raw)
+    except (json.JSONDecodeError, RecursionError):
+        raise ValueError(f"path: {path}: 'minipeft.quant_state' is not valid JSON") from None
+    _check_4bit_parts(path, tensors, meta)
+    state = QuantState.from_parts(tensors, meta)
     packed = tensors["packed"]
     if packed.dtype != np.uint8 or packed.shape != ((state.numel + 1) // 2,):
         raise ValueError(f"packed: expected uint8 ({(state.numel + 1) // 2},), got {packed.shape}")
     return packed, state
+
+
+def _check_4bit_parts(path: Any, tensors: dict[str, np.ndarray], meta: Any) -> None:
+    """Reject what ``QuantState.from_parts`` would mis-read: missing, mistyped, non-finite."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: 'minipeft.quant_state' must be a JSON object, got {meta!r}")
+    nested = meta.get("nested")
+    if not isinstance(nested, bool):
+        raise ValueError(f"{path}: metadata 'nested' must be true or false, got {nested!r}")
+    keys = ["format", "shape", "dtype", "blocksize", "quant_type", "nested"]
+    names = ["packed", "absmax", "code"]
+    if nested:
+        keys += ["nested_blocksize", "nested_offset"]
+        names += ["nested_absmax", "nested_code"]
+    missing = [k for k in keys if k not in meta] + [
+        f"tensor {n}" for n in names if n not in tensors
+    ]
+    if missing:
+        raise ValueError(f"{path}: missing {missing}")
+    shape = meta["shape"]
+    if not isinstance(shape, list) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**62 for n in shape
+    ):
+        raise ValueError(f"{path}: shape must be a list of non-negative ints, got {shape!r}")
+    if int(np.prod(np.array(shape, dtype=object), dtype=object)) >= 2**62:
+        raise ValueError(f"{path}: shape {shape} has too many elements")
+    for key in ("blocksize", "nested_blocksize") if nested else ("blocksize",):
+        if isinstance(meta[key], bool) or not isinstance(meta[key], int):
+            raise ValueError(f"{path}: {key} must be an int, got {meta[key]!r}")
+    for name in names[1:]:
+        arr = tensors[name]
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            raise ValueError(f"{path}: tensor {name} holds NaN or infinite values")
+    if nested and not (
+        isinstance(meta["nested_offset"], int | float) and np.isfinite(meta["nested_offset"])
+    ):
+        raise ValueError(
+            f"{path}: nested_offset must be a finite number, got {meta['nested_offset']!r}"
+        )
