@@ -24,6 +24,10 @@
 # Convention (PyTorch / HF PEFT): X (N, in), W (out, in), H = X·Ŵᵀ + b + s·(X·Aᵀ)·Bᵀ with
 # Ŵ = dequant(4-bit codes), A (r, in), B (out, r), s = α/r. Every equation cell ends with an
 # assertion. Runs reduced by default (< 60 s); `MINIPEFT_FULL=1` runs the longer version.
+#
+# It runs on the NumPy backend by default; `MINIPEFT_BACKEND=cupy` puts the 4-bit layers and
+# the fine-tunes on a GPU. Results come back to the host explicitly (`.numpy()`, `to_numpy`)
+# where they meet the NumPy formulas; host masks go in with `to_device`.
 
 # %%
 import os
@@ -39,9 +43,11 @@ import tracemalloc
 import matplotlib.pyplot as plt
 import numpy as np
 
+import minipeft
 from minipeft import backend
 from minipeft.autograd.gradcheck import gradcheck
 from minipeft.autograd.tensor import Tensor, no_grad
+from minipeft.backend import to_device, to_numpy
 from minipeft.models.gpt2 import GPT2, GPT2Config
 from minipeft.peft import LoraConfig, LoraLayer, get_peft_model, lora_linear
 from minipeft.quant import bits_per_parameter, dequantize_4bit, quantize_4bit
@@ -53,6 +59,7 @@ from minipeft.quant.qlora import (
     quantize_model,
 )
 
+print("backend:", minipeft.get_backend())
 FULL = os.environ.get("MINIPEFT_FULL") == "1"
 backend.seed(0)
 rng = np.random.default_rng(0)
@@ -97,15 +104,15 @@ for fifo in (False, True):
     shape = (20, 6) if fifo else (6, 20)  # stored layout
     w = rng.standard_normal(shape)
     q = Linear4bit(w, rng.standard_normal(6), fan_in_fan_out=fifo, blocksize=32)
-    w_hat = dequantize_4bit(q.weight.packed, q.weight.quant_state).astype(np.float64)
+    w_hat = to_numpy(dequantize_4bit(q.weight.packed, q.weight.quant_state)).astype(np.float64)
     w_oi = w_hat.T if fifo else w_hat  # Ŵ (out, in)
     x, a, b = (
         rng.standard_normal((5, 20)),
         rng.standard_normal((3, 20)),
         rng.standard_normal((6, 3)),
     )
-    h = q.lora_forward(Tensor(x), [(Tensor(a), Tensor(b), 0.5)]).data
-    np.testing.assert_allclose(h, x @ w_oi.T + q.bias.data + 0.5 * (x @ a.T) @ b.T, rtol=1e-13)
+    h = q.lora_forward(Tensor(x), [(Tensor(a), Tensor(b), 0.5)]).numpy()
+    np.testing.assert_allclose(h, x @ w_oi.T + q.bias.numpy() + 0.5 * (x @ a.T) @ b.T, rtol=1e-13)
     print(f"fan_in_fan_out={fifo}: max|W − Ŵ| = {np.abs(w - w_hat).max():.3f} "
           f"(4-bit rounding), forward matches X·Ŵᵀ + b + s·XAᵀBᵀ")  # fmt: skip
 
@@ -123,14 +130,15 @@ X, A, B, bias = (rng.standard_normal(s) for s in [(2, 3, 12), (2, 12), (7, 2), (
 mask = (rng.random(X.shape) >= 0.2) / 0.8  # M/(1−p)
 G = rng.standard_normal((2, 3, 7))
 tx, ta, tb = (Tensor(v, requires_grad=True) for v in (X, A, B))
-linear4bit(tx, w4, Tensor(bias), [(ta, tb, 0.5)], masks=[mask]).backward(G)
-W_hat = w4.dequantize(np.float64)
-np.testing.assert_allclose(tx.grad, G @ W_hat + 0.5 * ((G @ B) @ A) * mask, rtol=1e-12)
+mask_dev = to_device(mask)  # beside the layer; the NumPy formulas below use `mask`
+linear4bit(tx, w4, Tensor(bias), [(ta, tb, 0.5)], masks=[mask_dev]).backward(G)
+W_hat = to_numpy(w4.dequantize(np.float64))
+np.testing.assert_allclose(to_numpy(tx.grad), G @ W_hat + 0.5 * ((G @ B) @ A) * mask, rtol=1e-12)
 Xm = (X * mask).reshape(-1, 12)
-np.testing.assert_allclose(ta.grad, 0.5 * (G.reshape(-1, 7) @ B).T @ Xm, rtol=1e-12)
-np.testing.assert_allclose(tb.grad, 0.5 * G.reshape(-1, 7).T @ (Xm @ A.T), rtol=1e-12)
+np.testing.assert_allclose(to_numpy(ta.grad), 0.5 * (G.reshape(-1, 7) @ B).T @ Xm, rtol=1e-12)
+np.testing.assert_allclose(to_numpy(tb.grad), 0.5 * G.reshape(-1, 7).T @ (Xm @ A.T), rtol=1e-12)
 res = gradcheck(
-    lambda x, a, b: linear4bit(x, w4, Tensor(bias), [(a, b, 0.5)], masks=[mask]), [X, A, B]
+    lambda x, a, b: linear4bit(x, w4, Tensor(bias), [(a, b, 0.5)], masks=[mask_dev]), [X, A, B]
 )
 print(f"max relative error vs float64 central differences: {res.max_rel_error:.1e}")
 assert res.max_rel_error < 1e-6
@@ -142,10 +150,13 @@ assert res.max_rel_error < 1e-6
 # again in backward — as bitsandbytes' `MatMul4Bit` does. A naive QLoRA that dequantizes and
 # hands Ŵ to the ordinary LoRA Function keeps a float32 Ŵ alive until backward. We measure
 # the bytes allocated by the forward and still held when backward starts (tracemalloc counts
-# NumPy's allocations), for one GPT-2-small `c_fc` layer (768 → 3072) with a rank-8 adapter
-# and a batch of 4 × 32 tokens.
+# NumPy's allocations, so this measurement runs on the NumPy backend whichever backend the
+# notebook uses), for one GPT-2-small `c_fc` layer (768 → 3072) with a rank-8 adapter and a
+# batch of 4 × 32 tokens.
 
 # %%
+BACKEND = minipeft.get_backend()
+minipeft.set_backend("numpy")  # tracemalloc sees host memory only: measure on the host
 q_fc = Linear4bit(w_fc, fan_in_fan_out=True, double_quant=True)
 lay = LoraLayer(q_fc)
 lay.add_adapter("default", r=8, lora_alpha=16, init_lora_weights=False)
@@ -174,6 +185,7 @@ print(f"held between forward and backward: QLoRA Function {held_ours / 2**20:.2f
       f"naive (saves Ŵ) {held_naive / 2**20:.2f} MiB; Ŵ itself is {w_fc.nbytes / 2**20:.2f} MiB; "
       f"the 4-bit weight {q_fc.weight.nbytes / 2**20:.2f} MiB")  # fmt: skip
 assert held_naive - held_ours > 0.9 * w_fc.nbytes
+minipeft.set_backend(BACKEND)  # back to the notebook's backend
 
 # %% [markdown]
 # ## 5. QLoRA tracks LoRA: a short fine-tune of GPT-2 on real text
@@ -329,8 +341,8 @@ except QuantizedWeightError as err:
 # %%
 ITERS = 10 if FULL else 5
 mats = {
-    "h.0 c_attn (trained)": state["transformer.h.0.attn.c_attn.weight"].T,  # (out, in)
-    "h.0 c_fc (trained)": state["transformer.h.0.mlp.c_fc.weight"].T,
+    "h.0 c_attn (trained)": to_numpy(state["transformer.h.0.attn.c_attn.weight"]).T,  # (out, in)
+    "h.0 c_fc (trained)": to_numpy(state["transformer.h.0.mlp.c_fc.weight"]).T,
     "Gauss 768×768": (0.02 * rng.standard_normal((768, 768))).astype(np.float32),
 }
 if FULL:
