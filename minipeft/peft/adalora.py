@@ -35,7 +35,7 @@ from ..autograd import ops
 from ..autograd.tensor import Function, Tensor
 from ..backend import Array
 from ..nn.module import Module, Parameter
-from .config import PeftConfig
+from .config import PeftConfig, check_adapter_name, check_int, check_real
 from .lora import AdapterLayer, _AdapterDict, base_layout
 
 __all__ = [
@@ -93,35 +93,48 @@ class AdaLoraConfig(PeftConfig):
                 f"init_lora_weights: AdaLoRA initializes Λ = 0, P, Q ~ N(0, 0.02²); "
                 f"got {self.init_lora_weights!r}"
             )
-        for name in ("target_r", "init_r"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        check_int("target_r", self.target_r, 1)
+        check_int("init_r", self.init_r, 1)
+        check_int("r", self.r, 1)  # ignored, as in PEFT, but a rank all the same
         if self.target_r > self.init_r:
             raise ValueError(
                 f"target_r: the target rank {self.target_r} exceeds the initial rank "
                 f"init_r={self.init_r}; AdaLoRA can only prune"
             )
-        if not isinstance(self.deltaT, int) or self.deltaT < 1:
-            raise ValueError(f"deltaT: expected a positive number of steps, got {self.deltaT!r}")
+        check_int("tinit", self.tinit, 0)
+        check_int("tfinal", self.tfinal, 0)
+        check_int("deltaT", self.deltaT, 1)
         for name in ("beta1", "beta2"):
-            v = getattr(self, name)
-            if not 0.0 < v < 1.0:
-                raise ValueError(f"{name}: expected 0 < {name} < 1, got {v!r}")
-        if self.orth_reg_weight < 0:
-            raise ValueError(f"orth_reg_weight: expected ≥ 0, got {self.orth_reg_weight!r}")
-        if self.tinit < 0 or self.tfinal < 0:
-            raise ValueError(f"tinit/tfinal: expected ≥ 0, got {self.tinit}, {self.tfinal}")
-        if self.total_step is None or self.total_step <= 0:
-            raise ValueError(f"total_step: expected a positive step count, got {self.total_step!r}")
+            check_real(name, getattr(self, name), low=0.0, high=1.0, low_open=True, high_open=True)
+        check_real("orth_reg_weight", self.orth_reg_weight, low=0.0)
+        if self.total_step is None:
+            raise ValueError("total_step: expected a positive step count, got None")
+        check_int("total_step", self.total_step, 1)
         if self.tinit >= self.total_step - self.tfinal:
             raise ValueError(
                 f"total_step: {self.total_step} steps leave no budgeting phase after the "
                 f"warm-up tinit={self.tinit} and before the final phase tfinal={self.tfinal} "
                 f"(need total_step > tinit + tfinal)"
             )
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout: expected 0 ≤ p < 1, got {self.lora_dropout!r}")
+        # PEFT's scaling uses ranknum when lora_alpha ≤ 0; minipeft refuses it, as for LoRA
+        check_real("lora_alpha", self.lora_alpha, low=0.0, low_open=True)
+        check_real("lora_dropout", self.lora_dropout, low=0.0, high=1.0, high_open=True)
+        if self.rank_pattern is not None:
+            if not isinstance(self.rank_pattern, dict):
+                raise TypeError(
+                    f"rank_pattern: expected a dict '<module>.lora_E' → list of booleans, got "
+                    f"{type(self.rank_pattern).__name__}"
+                )
+            for k, keep in self.rank_pattern.items():
+                if not isinstance(keep, list) or not all(isinstance(b, bool) for b in keep):
+                    raise TypeError(
+                        f"rank_pattern[{k!r}]: expected a list of booleans, got {keep!r}"
+                    )
+                if len(keep) != self.init_r:
+                    raise ValueError(
+                        f"rank_pattern[{k!r}]: expected init_r={self.init_r} booleans, got "
+                        f"{len(keep)}"
+                    )
 
 
 # ---------------------------------------------------------------------------- the SVD update
@@ -229,8 +242,8 @@ class SVDLinear(AdapterLayer):
     ) -> None:  # fmt: skip
         super().__init__()
         in_f, out_f, self.fan_in_fan_out = base_layout(base)
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"r: expected a positive integer, got {r!r}")
+        check_int("r", r, 1)
+        check_adapter_name(adapter_name)
         self.base_layer = base
         base.requires_grad_(False)
         self.adapter_name = adapter_name
@@ -444,7 +457,12 @@ class RankAllocator:
             self.layers[name].E.data[drop, 0] = 0.0
 
     def update_and_allocate(self, step: int) -> tuple[int | None, dict[str, list[bool]] | None]:
-        """One allocation step with PEFT's phases; returns (budget, new rank pattern or None)."""
+        """One allocation step with PEFT's phases; returns (budget, new rank pattern or None).
+
+        ``step`` is the global step, an integer ≥ 0 (a negative or fractional step would
+        land in the wrong phase and write a wrong rank pattern into the saved adapter).
+        """
+        check_int("step", step, 0)
         cfg = self.config
         final_start = cfg.total_step - cfg.tfinal
         if step < final_start:

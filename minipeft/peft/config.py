@@ -4,20 +4,37 @@ Only the fields minipeft implements are accepted with non-default values; an HF 
 that would change the result and that minipeft does not implement (``layers_to_transform``,
 ``modules_to_save``, ``lora_bias``, …) raises ``ValueError`` naming it, instead of being
 silently ignored.
+
+Every field is checked when a config is built: a wrong type raises ``TypeError`` (``r=True``,
+``r=8.0``), a value out of range or not finite raises ``ValueError`` (``lora_alpha=NaN``,
+``lora_dropout=1.0``) — so a bad ``adapter_config.json`` fails on load, not as NaN logits.
+
+Module-name patterns (``target_modules`` as a string, the keys of ``rank_pattern``) are
+regular expressions run by RE2 (``google-re2``), which matches in time linear in the name
+whatever the pattern: a pattern like ``(.*.*)*!`` that makes Python's backtracking ``re``
+run for ever returns at once. RE2 has no backreferences or lookaround; such a pattern is
+refused when the config is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
+import functools
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+import numpy as np
+import re2
+
+from ..nn.module import Module
 
 __all__ = [
     "IA3Config",
     "LoraConfig",
     "PeftConfig",
     "VeraConfig",
+    "check_adapter_name",
     "config_from_dict",
     "get_pattern_key",
     "target_matches",
@@ -38,23 +55,156 @@ _INFORMATIONAL = {
 }  # fmt: skip
 
 
+# ------------------------------------------------------------------------------ adapter names
+_NAME_MAX = 100
+# attributes of the module that holds one child per adapter (``lora_A.<name>``): an adapter
+# named like one of them would shadow it (``training``, ``forward``, ``keys``, …)
+_RESERVED_NAMES = frozenset(n for n in dir(Module) if not n.startswith("_")) | {"training", "keys"}
+
+
+def check_adapter_name(adapter_name: Any) -> str:
+    """The one rule for adapter names, for every tuner; returns the name or raises.
+
+    A name is 1 to 100 characters, letters, digits, ``_`` and ``-``, starting with a letter
+    or digit. That excludes dots (the name is one component of a tensor key such as
+    ``lora_A.<name>.weight``), path separators, ``..`` and absolute paths (``save_pretrained``
+    writes adapter ``<name>`` to ``<directory>/<name>`` and must never leave the directory),
+    and the names of module attributes (``training``, ``forward``) the name would shadow.
+    """
+    if not isinstance(adapter_name, str):
+        raise TypeError(
+            f"adapter_name: expected a string, got {adapter_name!r} ({type(adapter_name).__name__})"
+        )
+    ok = (
+        0 < len(adapter_name) <= _NAME_MAX
+        and adapter_name[0].isalnum()
+        and all(c.isalnum() or c in "_-" for c in adapter_name)
+        and adapter_name.isprintable()
+    )
+    if not ok:
+        raise ValueError(
+            f"adapter_name: expected 1 to {_NAME_MAX} letters, digits, '_' or '-' starting "
+            f"with a letter or digit (no dots, path separators or spaces), got {adapter_name!r}"
+        )
+    if adapter_name in _RESERVED_NAMES:
+        raise ValueError(
+            f"adapter_name: {adapter_name!r} is the name of a module attribute it would "
+            f"shadow; choose another name"
+        )
+    return adapter_name
+
+
+# ------------------------------------------------------------------------------ matching
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # the error is raised with the field's name instead
+
+
+@functools.lru_cache(maxsize=512)
+def _compile(pattern: str) -> Any:
+    return re2.compile(pattern, _RE2_OPTIONS)
+
+
+def compile_pattern(pattern: str, field_name: str = "target_modules") -> Any:
+    """``pattern`` compiled by RE2 (linear-time matching); ValueError names ``field_name``."""
+    try:
+        return _compile(pattern)
+    except re2.error as exc:
+        why = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else exc
+        raise ValueError(
+            f"{field_name}: {pattern!r} is not a pattern RE2 can run ({why}); minipeft matches "
+            f"module names with RE2, in linear time, which has no backreferences or "
+            f"lookaround — rewrite the pattern or give a list of module names"
+        ) from None
+
+
 def target_matches(target_modules: str | list[str] | None, name: str) -> bool:
-    """HF PEFT's rule: a string is a regex that must match the whole module name;
-    a list matches a name equal to an entry or ending in ``.<entry>``."""
+    """HF PEFT's rule: a string is a regex that must match the whole module name
+    (``re.fullmatch``, run by RE2); a list matches a name equal to an entry or ending in
+    ``.<entry>``."""
     if target_modules is None:
         return False
     if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
+        return compile_pattern(target_modules).fullmatch(name) is not None
     return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def _pattern_key_regex(key: str, field_name: str) -> Any:
+    return compile_pattern(rf"(.*\.)?({key})$", f"{field_name}[{key!r}]")
 
 
 def get_pattern_key(pattern_keys: list[str], name: str) -> str | None:
     """The first key of ``rank_pattern``/``alpha_pattern`` matching ``name`` as HF PEFT does:
-    ``re.match(rf"(.*\\.)?({key})$", name)``; None when no key matches."""
+    ``re.match(rf"(.*\\.)?({key})$", name)`` (run by RE2); None when no key matches."""
     for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", name):
+        if _pattern_key_regex(key, "rank_pattern/alpha_pattern").match(name):
             return key
     return None
+
+
+# ------------------------------------------------------------------------------ field checks
+def check_int(field_name: str, value: Any, minimum: int) -> int:
+    """An integer ≥ ``minimum`` (bool refused: ``r=True`` is not a rank)."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(
+            f"{field_name}: expected an integer ≥ {minimum}, got {value!r} ({type(value).__name__})"
+        )
+    if value < minimum:
+        raise ValueError(f"{field_name}: expected an integer ≥ {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_real(
+    field_name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """A finite real number in the interval given (bool refused; NaN and ±inf refused)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise TypeError(
+            f"{field_name}: expected a real number, got {value!r} ({type(value).__name__})"
+        )
+    lo = "" if low is None else f"{'(' if low_open else '['}{low}"
+    hi = "" if high is None else f"{high}{')' if high_open else ']'}"
+    where = f" in {lo or '(-inf'}, {hi or 'inf)'}" if (low is not None or high is not None) else ""
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{field_name}: expected a finite number{where}, got {value!r}")
+    bad_low = low is not None and (v <= low if low_open else v < low)
+    bad_high = high is not None and (v >= high if high_open else v > high)
+    if bad_low or bad_high:
+        raise ValueError(f"{field_name}: expected a number{where}, got {value!r}")
+    return v
+
+
+def check_bool(field_name: str, value: Any) -> bool:
+    """True or False (JSON's true/false), not 0, 1 or a string."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{field_name}: expected true or false, got {value!r}")
+    return bool(value)
+
+
+def _check_modules(field_name: str, value: Any, *, required: bool) -> list[str] | str | None:
+    """A regex string (run by RE2) or a list of module names; None only if not ``required``."""
+    if value is None or (not isinstance(value, str) and hasattr(value, "__len__") and not value):
+        if required:
+            raise ValueError(f"{field_name}: expected a list of names or a regex string, got none")
+        return None
+    if isinstance(value, str):
+        compile_pattern(value, field_name)
+        return value
+    if isinstance(value, dict) or not hasattr(value, "__iter__"):
+        raise TypeError(
+            f"{field_name}: expected a list of names or a regex string, got {type(value).__name__}"
+        )
+    names = list(value)
+    for n in names:
+        if not isinstance(n, str) or not n:
+            raise TypeError(f"{field_name}: expected non-empty strings, got {n!r} in {names!r}")
+    return names
 
 
 @dataclass
@@ -67,12 +217,10 @@ class PeftConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        if self.target_modules is None or (
-            not isinstance(self.target_modules, str) and len(self.target_modules) == 0
-        ):
-            raise ValueError("target_modules: expected a list of names or a regex string, got none")
-        if not isinstance(self.target_modules, str):
-            self.target_modules = list(self.target_modules)
+        self.target_modules = _check_modules("target_modules", self.target_modules, required=True)
+        check_bool("fan_in_fan_out", self.fan_in_fan_out)
+        if not isinstance(self.extra, dict):
+            raise TypeError(f"extra: expected a dict, got {type(self.extra).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object HF PEFT writes (sorted keys; ``peft_type`` included)."""
@@ -122,17 +270,32 @@ class LoraConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r: expected a positive integer, got {self.r!r}")
+        check_int("r", self.r, 1)
+        # HF PEFT accepts any α; minipeft refuses α ≤ 0 (0 switches the adapter off, a
+        # negative α flips the sign of the update: both are mistakes, not settings)
+        check_real("lora_alpha", self.lora_alpha, low=0.0, low_open=True)
+        check_real("lora_dropout", self.lora_dropout, low=0.0, high=1.0, high_open=True)
+        check_bool("use_rslora", self.use_rslora)
+        check_bool("use_dora", self.use_dora)
+        init = self.init_lora_weights
+        if not isinstance(init, bool) and str(init).lower() not in _LORA_INITS:
+            raise ValueError(
+                f"init_lora_weights: expected true, false or one of {_LORA_INITS}, got {init!r}"
+            )
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias: expected 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(
-                f"lora_dropout: expected a probability in [0, 1), got {self.lora_dropout}"
-            )
+        for name in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(getattr(self, name), dict):
+                raise TypeError(
+                    f"{name}: expected a dict of pattern → value, got "
+                    f"{type(getattr(self, name)).__name__}"
+                )
         for k, v in self.rank_pattern.items():
-            if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"rank_pattern[{k!r}]: expected a positive integer, got {v!r}")
+            _pattern_key_regex(str(k), "rank_pattern")
+            check_int(f"rank_pattern[{k!r}]", v, 1)
+        for k, v in self.alpha_pattern.items():
+            _pattern_key_regex(str(k), "alpha_pattern")
+            check_real(f"alpha_pattern[{k!r}]", v, low=0.0, low_open=True)
 
     def rank_and_alpha(self, name: str) -> tuple[int, float]:
         """(r, α) for module ``name``, honouring rank_pattern and alpha_pattern."""
@@ -158,8 +321,13 @@ class VeraConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r: expected a positive integer, got {self.r!r}")
+        check_int("r", self.r, 1)
+        # a seed for NumPy's generator (and torch's, when regenerating HF PEFT's projections)
+        check_int("projection_prng_key", self.projection_prng_key, 0)
+        check_bool("save_projection", self.save_projection)
+        check_real("vera_dropout", self.vera_dropout, low=0.0, high=1.0, high_open=True)
+        check_real("d_initial", self.d_initial)
+        check_bool("init_weights", self.init_weights)
         if self.bias != "none":
             raise ValueError(f"bias: minipeft's VeRA supports only 'none', got {self.bias!r}")
 
@@ -174,11 +342,19 @@ class IA3Config(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        ff = self.feedforward_modules
-        if ff is not None and not isinstance(ff, str):
-            self.feedforward_modules = list(ff)
+        ff = _check_modules("feedforward_modules", self.feedforward_modules, required=False)
+        self.feedforward_modules = ff
+        check_bool("init_ia3_weights", self.init_ia3_weights)
+        if isinstance(ff, list) and isinstance(self.target_modules, list):
+            extra = sorted(set(ff) - set(self.target_modules))
+            if extra:  # HF PEFT raises here too
+                raise ValueError(
+                    f"feedforward_modules: expected a subset of target_modules "
+                    f"{self.target_modules}, got {extra} outside it"
+                )
 
 
+_LORA_INITS = ("true", "false", "kaiming", "gaussian", "lecture", "pissa", "olora")
 _TYPES: dict[str, type[PeftConfig]] = {"LORA": LoraConfig, "VERA": VeraConfig, "IA3": IA3Config}
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from ..autograd.tensor import Function, Tensor
 from ..backend import Array
 from ..nn.module import Module, Parameter
+from .config import check_adapter_name
 from .lora import AdapterLayer, _AdapterDict, base_layout
 
 __all__ = ["IA3Function", "IA3Layer", "apply_bitfit", "ia3_linear"]
@@ -129,6 +130,7 @@ class IA3Layer(AdapterLayer):
         init_ia3_weights: bool = True,
     ) -> None:
         super().__init__()
+        check_adapter_name(name)
         self.in_features, self.out_features, self.fan_in_fan_out = base_layout(base, fan_in_fan_out)
         base.requires_grad_(False)  # the base layer is frozen: the point of PEFT
         self.base_layer = base

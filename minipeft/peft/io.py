@@ -181,7 +181,13 @@ def read_adapter_config(directory: str | Path) -> PeftConfig:
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"directory: {d} is not a directory")
-    cfg = config_from_dict(read_json(d / CONFIG_NAME))
+    path = d / CONFIG_NAME
+    try:
+        cfg = config_from_dict(read_json(path))
+    except (TypeError, ValueError) as exc:
+        if str(path) in str(exc):  # read_json's errors already name the file
+            raise
+        raise type(exc)(f"{path}: {exc}") from exc
     if getattr(cfg, "bias", "none") != "none":
         raise ValueError(f"bias: loading trained biases (bias={cfg.bias!r}) is not supported")
     if not (d / WEIGHTS_NAME).is_file():
@@ -204,7 +210,15 @@ def _fill_adapter(pm: PeftModel, adapter: str, directory: Path, cfg: PeftConfig)
         ta, tb = _vera_projections_from_torch(cfg, a.shape[1], b.shape[0])
         a[...], b[...] = backend.like(ta, a), backend.like(tb, b)
     expected = {k: tuple(getattr(t, "shape", ())) for k, t in targets.items()}
-    tensors = load_safetensors(directory / WEIGHTS_NAME, expected=expected, strict=True)
+    path = directory / WEIGHTS_NAME
+    tensors = load_safetensors(path, expected=expected, strict=True)
+    for key, arr in tensors.items():  # every tensor checked before any is copied in
+        if arr.dtype.kind != "f":
+            raise CheckpointError(
+                f"{path}: tensor {key!r}: expected a floating dtype, got {arr.dtype}"
+            )
+        if not np.isfinite(arr).all():
+            raise CheckpointError(f"{path}: tensor {key!r} holds NaN or infinite values")
     for key, t in targets.items():
         arr = t.data if isinstance(t, Tensor) else t
         # read on the host, copied once to where the adapter lives

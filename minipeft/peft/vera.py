@@ -25,6 +25,7 @@ from .. import backend
 from ..autograd.tensor import Function, Tensor
 from ..backend import Array
 from ..nn.module import Module, Parameter
+from .config import check_adapter_name
 from .lora import AdapterLayer, _AdapterDict, base_layout
 
 __all__ = ["VeraFunction", "VeraLayer", "vera_kaiming_projection", "vera_linear"]
@@ -152,6 +153,7 @@ class VeraLayer(AdapterLayer):
         init_weights: bool = True,
     ) -> None:
         super().__init__()
+        check_adapter_name(name)
         self.in_features, self.out_features, self.fan_in_fan_out = base_layout(base, fan_in_fan_out)
         a, b = shared["A"], shared["B"]
         if a.shape[0] != r or a.shape[1] < self.in_features or b.shape[0] < self.out_features:
