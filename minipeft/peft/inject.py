@@ -6,26 +6,85 @@ adapter files map onto it by dropping the adapter name. Matching follows HF PEFT
 (``config.target_matches``): a list of suffixes, or a regex string matched in full.
 Only layers with a 2-D weight (``Linear`` (out, in) and GPT-2's ``Conv1D`` (in, out)) are
 wrapped; a target that names anything else raises ValueError.
+
+Adding an adapter is all or nothing: the name, the config and every target are checked
+before the model is touched, and if building the adapter still fails part-way, every
+replaced layer, frozen flag and rewritten weight is put back before the error propagates.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import numpy as np
 
+from ..nn.layers import Embedding
 from ..nn.module import Module
 from .adalora import AdaLoraConfig, RankAllocator, SVDLinear, orthogonal_penalty
-from .config import IA3Config, LoraConfig, PeftConfig, VeraConfig, target_matches
+from .config import (
+    IA3Config,
+    LoraConfig,
+    PeftConfig,
+    VeraConfig,
+    check_adapter_name,
+    check_int,
+    target_matches,
+)
 from .ia3 import IA3Layer
 from .lora import LoraLayer, _AdapterDict, base_layout
 from .vera import VeraLayer, vera_kaiming_projection
 
-__all__ = ["PeftModel", "count_parameters", "get_peft_model"]
+__all__ = ["PeftModel", "UnknownAdapterError", "count_parameters", "get_peft_model"]
 
 _ADAPTER_LAYERS = (LoraLayer, VeraLayer, IA3Layer, SVDLinear)
+_CONFIGS = (LoraConfig, VeraConfig, IA3Config, AdaLoraConfig)
+
+
+class UnknownAdapterError(KeyError, ValueError):
+    """No adapter of that name: a failed lookup (KeyError) and, as HF PEFT raises, a ValueError."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+def _warn_rank_above_layer(model: Module, config: PeftConfig, targets: list[str]) -> None:
+    """Warn when a rank exceeds min(in, out) of its layer (LoRA's r, AdaLoRA's init_r).
+
+    HF PEFT accepts such a rank silently (only PiSSA/OLoRA refuse it, as minipeft does):
+    ΔW = s·B·A is (out, in), so its rank is at most min(in, out) and the extra rank only
+    adds parameters. minipeft accepts it too, and says so.
+    """
+    if not isinstance(config, LoraConfig | AdaLoraConfig):
+        return
+    for tname in targets:
+        mod = model.get_submodule(tname)
+        if isinstance(mod, LoraLayer):
+            fi, fo = mod.in_features, mod.out_features
+        else:
+            fi, fo, _ = base_layout(mod, allow_4bit=True)
+        r = config.rank_and_alpha(tname)[0] if isinstance(config, LoraConfig) else config.init_r
+        if r > min(fi, fo):
+            field = "r" if isinstance(config, LoraConfig) else "init_r"
+            warnings.warn(
+                f"{field}: rank {r} exceeds min(in, out) = {min(fi, fo)} of {tname!r}; the "
+                f"update's rank is at most {min(fi, fo)}, so the extra rank only adds "
+                f"parameters (HF PEFT accepts this silently)",
+                UserWarning,
+                stacklevel=4,
+            )
+
+
+def _discard_lora(layer: LoraLayer, name: str) -> None:
+    """Remove every trace of adapter ``name`` from ``layer``, even a half-built one."""
+    for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector):
+        if name in store:
+            del store[name]
+    for d in (layer.r, layer.lora_alpha, layer.scaling, layer.lora_dropout, layer.use_dora):
+        d.pop(name, None)
+    layer.active_adapters = [a for a in layer.active_adapters if a != name]
 
 
 def _replace(root: Module, name: str, new: Module) -> None:
@@ -52,11 +111,13 @@ def _targets(model: Module, config: PeftConfig) -> list[str]:
                 continue
             raise ValueError(f"target_modules: {name!r} already carries an adapter")
         w = getattr(mod, "weight", None)
-        if w is None or getattr(w, "ndim", 0) != 2:
+        # an Embedding's (vocab, C) table is 2-D too, but it is looked up, not multiplied
+        if w is None or getattr(w, "ndim", 0) != 2 or isinstance(mod, Embedding):
             raise ValueError(
                 f"target_modules: {name!r} is a {type(mod).__name__}; only layers with a 2-D "
                 f"weight (Linear, Conv1D) can be adapted"
             )
+        base_layout(mod, allow_4bit=isinstance(config, LoraConfig))  # raises for a 4-bit IA3 …
         names.append(name)
     if not names:
         raise ValueError(
@@ -85,7 +146,16 @@ class PeftModel(Module):
 
     # ---------------------------------------------------------------- building
     def add_adapter(self, adapter_name: str, config: PeftConfig) -> None:
-        """Add adapter ``adapter_name`` (LoRA adapters may coexist; one VeRA/IA3 adapter)."""
+        """Add adapter ``adapter_name`` (LoRA adapters may coexist; one VeRA/IA3/AdaLoRA adapter).
+
+        All or nothing: on any error the model is left exactly as it was.
+        """
+        check_adapter_name(adapter_name)
+        if not isinstance(config, _CONFIGS):
+            raise TypeError(
+                "config: expected a LoraConfig, VeraConfig, IA3Config or AdaLoraConfig, "
+                f"got {type(config).__name__}"
+            )
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter_name: {adapter_name!r} already exists")
         if self.peft_config:
@@ -95,27 +165,61 @@ class PeftModel(Module):
                     "config: only LoRA adapters can be added next to an existing adapter"
                 )
         model = self.base_model.model
-        if isinstance(config, LoraConfig):
-            self._inject_lora(model, config, adapter_name)
-        elif isinstance(config, VeraConfig):
-            self._inject_vera(model, config, adapter_name)
-        elif isinstance(config, IA3Config):
-            self._inject_ia3(model, config, adapter_name)
-        elif isinstance(config, AdaLoraConfig):
-            self._inject_adalora(model, config, adapter_name)
-        else:
-            raise TypeError(
-                "config: expected a LoraConfig, VeraConfig, IA3Config or AdaLoraConfig, "
-                f"got {config!r}"
-            )
-        self.peft_config[adapter_name] = config
-        if len(self.peft_config) == 1:
-            self.set_adapter(adapter_name)
-        else:
-            self.set_adapter(self.active_adapter)
+        targets = _targets(model, config)  # every check that needs the model; changes nothing
+        _warn_rank_above_layer(model, config, targets)
+        with self._all_or_nothing(adapter_name, config, targets):
+            if isinstance(config, LoraConfig):
+                self._inject_lora(model, config, adapter_name, targets)
+            elif isinstance(config, VeraConfig):
+                self._inject_vera(model, config, adapter_name, targets)
+            elif isinstance(config, IA3Config):
+                self._inject_ia3(model, config, adapter_name, targets)
+            else:
+                self._inject_adalora(model, config, adapter_name, targets)
+            self.peft_config[adapter_name] = config
+            self._activate(adapter_name if len(self.peft_config) == 1 else self.active_adapter)
 
-    def _inject_lora(self, model: Module, config: LoraConfig, name: str) -> None:
-        for tname in _targets(model, config):
+    @contextmanager
+    def _all_or_nothing(self, name: str, config: PeftConfig, targets: list[str]) -> Iterator[None]:
+        """Run an injection; on error put back layers, flags, W₀ and the wrapper's state."""
+        model = self.base_model.model
+        layers = {t: model.get_submodule(t) for t in targets}
+        flags = [(p, p.requires_grad) for p in self.parameters()]
+        init = str(getattr(config, "init_lora_weights", "")).lower()
+        weights = {  # PiSSA/OLoRA rewrite W₀ in place; nothing else does
+            t: m.weight.data.copy()
+            for t, m in layers.items()
+            if init in ("pissa", "olora") and not getattr(m, "is_4bit", False)
+        }
+        state = {k: self.__dict__.get(k) for k in ("active_adapter", "rankallocator")}
+        tuner = {k: self.base_model.__dict__.get(k) for k in ("vera_A", "vera_B")}
+        try:
+            yield
+        except BaseException:
+            for t, original in layers.items():
+                if model.get_submodule(t) is not original:
+                    _replace(model, t, original)
+                elif isinstance(original, LoraLayer):
+                    _discard_lora(original, name)
+            for t, w in weights.items():
+                layers[t].weight.data[...] = w
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            self.peft_config.pop(name, None)
+            for k, v in state.items():
+                if v is None:
+                    self.__dict__.pop(k, None)
+                else:
+                    object.__setattr__(self, k, v)
+            for k, v in tuner.items():
+                if v is None and k in self.base_model.__dict__:
+                    delattr(self.base_model, k)
+            raise
+
+    def _inject_lora(
+        self, model: Module, config: LoraConfig, name: str, targets: list[str]
+    ) -> None:
+        for tname in targets:
             mod = model.get_submodule(tname)
             r, alpha = config.rank_and_alpha(tname)
             if isinstance(mod, LoraLayer):  # a further adapter on a wrapped layer
@@ -134,8 +238,9 @@ class PeftModel(Module):
                 activate=False,
             )
 
-    def _inject_vera(self, model: Module, config: VeraConfig, name: str) -> None:
-        targets = _targets(model, config)
+    def _inject_vera(
+        self, model: Module, config: VeraConfig, name: str, targets: list[str]
+    ) -> None:
         out_max = in_max = 0
         for tname in targets:
             fi, fo, _ = base_layout(model.get_submodule(tname))
@@ -162,8 +267,8 @@ class PeftModel(Module):
             )
             _replace(model, tname, layer)
 
-    def _inject_ia3(self, model: Module, config: IA3Config, name: str) -> None:
-        for tname in _targets(model, config):
+    def _inject_ia3(self, model: Module, config: IA3Config, name: str, targets: list[str]) -> None:
+        for tname in targets:
             ff = target_matches(config.feedforward_modules, tname)
             layer = IA3Layer(
                 model.get_submodule(tname),
@@ -174,9 +279,11 @@ class PeftModel(Module):
             )
             _replace(model, tname, layer)
 
-    def _inject_adalora(self, model: Module, config: AdaLoraConfig, name: str) -> None:
+    def _inject_adalora(
+        self, model: Module, config: AdaLoraConfig, name: str, targets: list[str]
+    ) -> None:
         layers = {}
-        for tname in _targets(model, config):
+        for tname in targets:
             layer = SVDLinear(
                 model.get_submodule(tname), r=config.init_r, lora_alpha=config.lora_alpha,
                 lora_dropout=config.lora_dropout, adapter_name=name,
@@ -187,10 +294,14 @@ class PeftModel(Module):
 
     # ---------------------------------------------------------------- AdaLoRA
     def update_and_allocate(self, global_step: int) -> None:
-        """AdaLoRA: update importance and mask to the budget; call after the optimizer step."""
+        """AdaLoRA: update importance and mask to the budget; call after the optimizer step.
+
+        ``global_step`` is an integer ≥ 0 (-1 or 2.5 would corrupt the rank pattern).
+        """
         cfg = self.peft_config[self.active_adapter]
         if not isinstance(cfg, AdaLoraConfig):
             raise TypeError(f"update_and_allocate: adapter {self.active_adapter!r} is not AdaLoRA")
+        check_int("global_step", global_step, 0)
         _, pattern = self.rankallocator.update_and_allocate(global_step)
         if pattern is not None:
             cfg.rank_pattern = {f"{n}.lora_E": keep for n, keep in pattern.items()}
@@ -211,16 +322,72 @@ class PeftModel(Module):
             if isinstance(m, _ADAPTER_LAYERS):
                 yield n, m
 
+    def _check_known(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise UnknownAdapterError(
+                f"adapter_name: no adapter {adapter_name!r}; have {list(self.peft_config)}"
+            )
+
     def set_adapter(self, adapter_name: str) -> None:
         """Activate ``adapter_name``; freeze every parameter that is not part of it.
 
         Trainable: the active adapter's tensors, plus biases when the LoRA config says
         ``bias="all"`` (every bias) or ``"lora_only"`` (biases of adapted layers).
+        As HF PEFT does, merged adapters are unmerged first, with a warning: a merged
+        layer runs its (merged) base weight alone, so it would go on giving the merged
+        adapter's output whatever adapter is active.
         """
-        if adapter_name not in self.peft_config:
-            raise KeyError(
-                f"adapter_name: no adapter {adapter_name!r}; have {list(self.peft_config)}"
+        self._check_known(adapter_name)
+        merged = [n for n, layer in self.adapter_layers() if layer.merged]
+        if merged:
+            warnings.warn(
+                f"set_adapter: adapters are merged into {len(merged)} layers "
+                f"({merged[0]!r}, …); unmerging them first, as HF PEFT does",
+                UserWarning,
+                stacklevel=2,
             )
+            self.unmerge_adapter()
+        self._activate(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete adapter ``adapter_name`` and its tensors (HF PEFT's ``delete_adapter``).
+
+        As in HF PEFT: an unknown name or a merged adapter raises ValueError; deleting the
+        active adapter activates the first remaining one (sorted by name), with a warning.
+        Unlike HF PEFT, the last adapter cannot be deleted (a PeftModel always has an
+        active adapter): use ``get_base_model()`` or ``merge_and_unload()`` instead.
+        """
+        self._check_known(adapter_name)
+        if len(self.peft_config) == 1:
+            raise ValueError(
+                f"adapter_name: {adapter_name!r} is the only adapter; a PeftModel keeps one "
+                f"(use get_base_model() or merge_and_unload() to drop it)"
+            )
+        merged = [
+            n for n, layer in self.adapter_layers()
+            if adapter_name in getattr(layer, "merged_adapters", [])
+        ]  # fmt: skip
+        if merged:
+            raise ValueError(
+                f"adapter_name: {adapter_name!r} is merged into {merged[0]!r}"
+                f"{' and others' if len(merged) > 1 else ''}; unmerge it first"
+            )
+        # only LoRA adapters coexist (add_adapter), so only LoRA layers hold several
+        for _, layer in self.adapter_layers():
+            if isinstance(layer, LoraLayer) and adapter_name in layer.r:
+                layer.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        if adapter_name == self.active_adapter:
+            new = sorted(self.peft_config)[0]
+            warnings.warn(
+                f"delete_adapter: {adapter_name!r} was the active adapter; activating {new!r}",
+                UserWarning,
+                stacklevel=2,
+            )
+            self._activate(new)
+
+    def _activate(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the active adapter and set the trainable flags (no checks)."""
         self.active_adapter = adapter_name
         self.base_model.model.requires_grad_(False)
         for _, layer in self.adapter_layers():
@@ -314,6 +481,9 @@ class PeftModel(Module):
         from .io import save_adapter
 
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for name in names:  # all checked before anything is written
+            self._check_known(name)
+            check_adapter_name(name)  # never a path out of save_directory
         for name in names:
             out = Path(save_directory) if name == "default" else Path(save_directory) / name
             save_adapter(self, out, name)

@@ -32,6 +32,7 @@ from .. import backend
 from ..autograd.tensor import Function, Tensor, no_grad
 from ..backend import Array
 from ..nn.module import Module, Parameter
+from .config import check_adapter_name
 
 __all__ = [
     "LoraFunction",
@@ -388,8 +389,7 @@ class LoraLayer(AdapterLayer):
         "pissa"/"olora": the principal part of W₀ moves into the adapter (W₀ is modified);
         ``False``: A and B random (an identity-breaking init for tests).
         """
-        if not isinstance(name, str) or not name or "." in name:
-            raise ValueError(f"name: expected a non-empty adapter name without dots, got {name!r}")
+        check_adapter_name(name)
         if name in self.r:
             raise ValueError(f"name: adapter {name!r} already exists on this layer")
         if not isinstance(r, int | np.integer) or r <= 0:
@@ -460,10 +460,22 @@ class LoraLayer(AdapterLayer):
             raise KeyError(f"adapter: no adapter named {name!r}; have {sorted(self.r)}")
 
     def set_adapter(self, names: str | Sequence[str]) -> None:
-        """Make ``names`` the active adapter(s); only they train (others are frozen)."""
+        """Make ``names`` the active adapter(s); only they train (others are frozen).
+
+        A merged layer runs its base weight alone, so if other adapters are merged than
+        the ones asked for, they are unmerged first, with a warning (HF PEFT's rule).
+        """
         names = [names] if isinstance(names, str) else list(names)
         for n in names:
             self._check_name(n)
+        if self.merged and set(self.merged_adapters) != set(names):
+            warnings.warn(
+                f"set_adapter: adapters {self.merged_adapters} are merged into this layer; "
+                f"unmerging them first, as HF PEFT does",
+                UserWarning,
+                stacklevel=2,
+            )
+            self.unmerge()
         self.active_adapters = names
         for n in self.r:
             flag = n in names
