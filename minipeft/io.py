@@ -63,6 +63,7 @@ __all__ = [
     "atomic_write_text",
     "check_directory_target",
     "check_file_target",
+    "save_npy_atomic",
 ]
 
 PathLike = str | os.PathLike
@@ -87,11 +88,11 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def _as_path(path: PathLike, what: str) -> Path:
+def _as_path(path: PathLike, what: str, argname: str = "path") -> Path:
     if not isinstance(path, str | os.PathLike):
-        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
+        raise TypeError(f"{argname}: expected a str or os.PathLike, got {type(path).__name__}")
     if os.fspath(path) == "":
-        raise OutputPathError(f"path: expected a {what} path, got an empty string")
+        raise OutputPathError(f"{argname}: expected a {what} path, got an empty string")
     return Path(path)
 
 
@@ -198,7 +199,7 @@ def _existing_target(p: Path, argname: str, directory: bool, note: str = "") -> 
 
 
 def _check_target(path: PathLike, argname: str, directory: bool) -> Path:
-    p = _as_path(path, "directory" if directory else "file")
+    p = _as_path(path, "directory" if directory else "file", argname)
     target = _existing_target(p, argname, directory) or p
     _probe_writable(target.parent if str(target.parent) else Path("."), argname, p)
     return p
@@ -262,6 +263,17 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
 def atomic_write_text(path: PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_npy_atomic(path: PathLike, array: Any) -> Path:
+    """``np.save`` (no pickle) of a host array to ``path`` atomically; no ".npy" is added."""
+    import numpy as np
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.save appends no ".npy"
+            np.save(fh, array, allow_pickle=False)
+
+    return atomic_write(path, write)
 
 
 # ------------------------------------------------------------------------- directories

@@ -13,12 +13,12 @@ package.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from ..models import io
+from ..io import check_file_target, save_npy_atomic
+from . import argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -63,22 +63,38 @@ def compute_embeddings(
     return embed_texts(model, tok, texts, batch_size=batch_size).astype(np.float32, copy=False)
 
 
-def save_npy_atomic(path: str | Path, array: np.ndarray) -> Path:
-    """``np.save`` to a temporary file beside ``path``, then rename it into place."""
+def check_texts(texts: list[str]) -> list[str]:
+    """Texts as given on the command line; undecodable bytes (which Python keeps as lone
+    surrogates) are a ValueError naming the text's position."""
+    for i, text in enumerate(texts, start=1):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = text[exc.start].encode("utf-8", "surrogateescape")
+            raise ValueError(
+                f"TEXT: text {i} is not valid UTF-8 (byte 0x{bad.hex()} at character "
+                f"{exc.start}); pass UTF-8 text"
+            ) from None
+    return texts
 
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as fh:  # a file object: np.save appends no ".npy"
-            np.save(fh, array, allow_pickle=False)
 
-    return io.atomic_write(Path(path), write)
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value}")
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        emb = compute_embeddings(args.model, list(args.texts), args.batch_size, args.max_length)
+    with argument("TEXT"):
+        texts = check_texts(list(args.texts))
+    with argument("--batch-size"):
+        _positive("--batch-size", args.batch_size)
+    with argument("--max-length"):
+        _positive("--max-length", args.max_length)
+    with argument("--out"):  # before any computing
+        check_file_target(args.out, "--out")
+    with argument("--model"):
+        emb = compute_embeddings(args.model, texts, args.batch_size, args.max_length)
+    with argument("--out"):
         out = save_npy_atomic(args.out, emb)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
-        print(f"minipeft embed: error: {exc}", file=sys.stderr)
-        return 2
     print(f"wrote embeddings {emb.shape} float32 to {out}")
     return 0

@@ -86,6 +86,11 @@ def device_problem() -> str | None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from ..io import check_directory_target
+    from . import argument
+
+    with argument("--out"):  # before any computing
+        check_directory_target(args.out, "--out")
     if args.standin:
         sys.path.insert(0, str(REPO / "tests" / "standin"))
         sys.modules.pop("cupy", None)
@@ -108,7 +113,8 @@ def main(args: argparse.Namespace) -> int:
     report["figures"] = _figures(cupy, smoke=standin, repeats=2 if standin else args.repeats)
     text = _render(report)
     print(text)
-    _write(Path(args.out), report, text)
+    with argument("--out"):
+        _write(Path(args.out), report, text)
     failed = report["tests"].get("failed", 0) or report["tests"].get("error")
     return 1 if failed else 0
 
@@ -336,10 +342,8 @@ def _render(report: dict[str, Any]) -> str:
 
 
 def _write(directory: Path, report: dict[str, Any], text: str) -> None:
+    from ..io import atomic_write_text
     from ..models.io import write_json_atomic
 
-    directory.mkdir(parents=True, exist_ok=True)
     write_json_atomic(directory / "gpu-check.json", json.loads(json.dumps(report, default=str)))
-    tmp = directory / ".gpu-check.md.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(directory / "gpu-check.md")
+    atomic_write_text(directory / "gpu-check.md", text)

@@ -4,18 +4,22 @@ Loads a GPT-2 checkpoint directory (``config.json`` + ``model.safetensors``, as 
 transformers or minipeft), runs one forward pass in eval mode over the given token ids and
 writes the float32 logits (T, vocab) with ``np.save`` (atomically: temporary file, then
 rename). Compare with ``transformers`` via ``GPT2LMHeadModel(...)(ids).logits[0]``.
+
+``--ids`` and ``--out`` are checked before the model is loaded; every failure is one line
+naming the argument (see ``minipeft.__main__``).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..autograd.tensor import no_grad
-from ..models import io
+from ..io import check_file_target, save_npy_atomic
+from . import argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,11 +47,15 @@ def parse_ids(text: str) -> np.ndarray:
     if not parts or any(not s for s in parts):
         raise ValueError(f"--ids: expected comma-separated integers like 1,2,3, got {text!r}")
     try:
-        return np.array([int(s) for s in parts], dtype=np.int64)
+        values = [int(s) for s in parts]
     except ValueError:
         raise ValueError(
             f"--ids: expected comma-separated integers like 1,2,3, got {text!r}"
         ) from None
+    big = [v for v in values if not -(2**63) <= v < 2**63]
+    if big:
+        raise ValueError(f"--ids: expected token ids that fit in int64, got {big[0]}")
+    return np.array(values, dtype=np.int64)
 
 
 def compute_logits(
@@ -58,6 +66,11 @@ def compute_logits(
     With ``adapter_dir`` the PEFT adapter stored there (LoRA, DoRA, VeRA, IA3) wraps the
     model first (``minipeft.peft.PeftModel.from_pretrained``).
     """
+    return run_logits(load_model(model_dir, adapter_dir), ids)
+
+
+def load_model(model_dir: str | Path, adapter_dir: str | Path | None = None) -> Any:
+    """The GPT-2 checkpoint in ``model_dir``, wrapped by the adapter in ``adapter_dir``."""
     from ..models.gpt2 import GPT2
 
     model = GPT2.from_pretrained(model_dir)
@@ -65,29 +78,31 @@ def compute_logits(
         from ..peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter_dir))
-    model.eval()
+    return model.eval()
+
+
+def run_logits(model: Any, ids: np.ndarray) -> np.ndarray:
+    """Float32 logits (T, vocab) of ``model`` (eval mode) for ``ids`` (T,)."""
     with no_grad():
         logits = model(ids[None, :])  # (1, T, V)
     return np.asarray(logits.numpy()[0], dtype=np.float32)  # (T, V)
 
 
-def save_npy_atomic(path: str | Path, array: np.ndarray) -> Path:
-    """``np.save`` to a temporary file beside ``path``, then rename it into place."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as fh:  # a file object: np.save appends no ".npy"
-            np.save(fh, array, allow_pickle=False)
-
-    return io.atomic_write(Path(path), write)
-
-
 def main(args: argparse.Namespace) -> int:
-    try:
+    with argument("--ids"):
         ids = parse_ids(args.ids)
-        logits = compute_logits(args.model, ids, getattr(args, "adapter", None))
+    with argument("--out"):  # before any computing
+        check_file_target(args.out, "--out")
+    with argument("--model"):
+        model = load_model(args.model)
+    if getattr(args, "adapter", None) is not None:
+        from ..peft import PeftModel
+
+        with argument("--adapter"):
+            model = PeftModel.from_pretrained(model, str(args.adapter)).eval()
+    with argument("--ids"):
+        logits = run_logits(model, ids)
+    with argument("--out"):
         out = save_npy_atomic(args.out, logits)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"minipeft logits: error: {exc}", file=sys.stderr)
-        return 2
     print(f"wrote logits {logits.shape} float32 to {out}")
     return 0

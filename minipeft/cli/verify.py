@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from ..io import atomic_directory, check_directory_target
 from ..verify import Result, run, select
+from . import CLIError, argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -54,21 +55,27 @@ def report(results: list[Result]) -> str:
 
 
 def export(results: list[Result], out_dir: str | os.PathLike[str]) -> Path:
-    """Write one safetensors file per equation and ``index.json`` describing them."""
+    """Write one safetensors file per equation and ``index.json`` describing them.
+
+    The directory is written atomically (``minipeft.io.atomic_directory``): the index and
+    the files it names are replaced together.
+    """
+    out = Path(out_dir)
+    with atomic_directory(out) as tmp:
+        _export_into(results, tmp)
+    return out
+
+
+def _export_into(results: list[Result], out: Path) -> None:
     from safetensors.numpy import save_file
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     index = []
     for r in results:
         if not r.arrays:
             continue
         fname = f"{r.equation.id}.safetensors"
         arrays = {k: np.ascontiguousarray(v) for k, v in r.arrays.items()}
-        fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
-        os.close(fd)
-        save_file(arrays, tmp, metadata={"equation": r.equation.id})
-        os.replace(tmp, out / fname)
+        save_file(arrays, str(out / fname), metadata={"equation": r.equation.id})
         index.append(
             {
                 "id": r.equation.id,
@@ -83,25 +90,26 @@ def export(results: list[Result], out_dir: str | os.PathLike[str]) -> Path:
                 },
             }
         )
-    fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
+    with open(out / "index.json", "w", encoding="utf-8") as fh:
         json.dump({"format": "minipeft-golden/1", "equations": index}, fh, indent=1)
-    os.replace(tmp, out / "index.json")
-    return out
 
 
 def main(args: argparse.Namespace) -> int:
-    eqs = select(args.pattern)
+    if args.export is not None:
+        with argument("--export"):  # before any computing
+            check_directory_target(args.export, "--export")
+    with argument("PATTERN"):
+        eqs = select(args.pattern)
     if not eqs:
-        print(f"no registered equation matches {args.pattern!r}")
-        return 2
+        raise CLIError(f"PATTERN: no registered equation matches {args.pattern!r}")
     if args.list:
         for e in eqs:
             print(f"{e.id:32s} {e.what}  [{e.link}]")
         return 0
     results = run(eqs)
     print(report(results))
-    if args.export:
-        path = export(results, args.export)
+    if args.export is not None:
+        with argument("--export"):
+            path = export(results, args.export)
         print(f"golden vectors written to {path}/ (index.json)")
     return 0 if all(r.passed for r in results) else 1
