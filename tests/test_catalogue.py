@@ -4,10 +4,6 @@ Each row names the call, the exception type it must raise and a fragment of the 
 (house style: the message names the argument and the expected and actual value). Rows that
 touch files get a fresh directory with a saved GPT-2 and a saved LoRA adapter (``Env``).
 
-Known gaps, left out of the table because the code is elsewhere (reported in issue 15):
-``gradcheck`` with ``eps`` ≤ 0 or NaN, ``wrt`` out of range, ``n_directions=0``;
-``get_cosine_schedule_with_warmup`` with ``num_cycles=NaN``; ``LambdaLR`` with a
-non-callable ``lr_lambda``.
 """
 
 # ruff: noqa: E501  (the table keeps one row per line, so a row reads as one sentence)
@@ -230,11 +226,19 @@ ROWS = [
     Row("adamw-weight-decay-negative", lambda e: AdamW(e.params(), weight_decay=-0.01), ValueError, "weight_decay"),
     # ---------------------------------------------------------------- schedules
     Row("cosine-warmup-negative", lambda e: get_cosine_schedule_with_warmup(e.sgd(), -1, 10), ValueError, "num_warmup_steps: expected a non-negative integer"),
-    Row("cosine-total-fraction", lambda e: get_cosine_schedule_with_warmup(e.sgd(), 1, 2.5), ValueError, "num_training_steps: expected a non-negative integer, got 2.5"),
+    Row("cosine-total-fraction", lambda e: get_cosine_schedule_with_warmup(e.sgd(), 1, 2.5), TypeError, "num_training_steps: expected a non-negative integer, got 2.5"),
+    Row("cosine-cycles-nan", lambda e: get_cosine_schedule_with_warmup(e.sgd(), 1, 10, num_cycles=math.nan), ValueError, "num_cycles: expected a finite number ≥ 0, got nan"),
+    Row("cosine-cycles-str", lambda e: get_cosine_schedule_with_warmup(e.sgd(), 1, 10, num_cycles="1"), TypeError, "num_cycles: expected a number"),
+    Row("lambda-not-callable", lambda e: LambdaLR(e.sgd(), 3), TypeError, "lr_lambda: expected a callable or a list of 1 callables, got int"),
     Row("linear-last-epoch", lambda e: get_linear_schedule_with_warmup(e.sgd(), 1, 10, last_epoch=-2), ValueError, "last_epoch: expected an integer ≥ -1"),
     Row("lambda-no-optimizer", lambda e: LambdaLR(None, lambda s: 1.0), TypeError, "optimizer: expected a minipeft Optimizer"),
     # ---------------------------------------------------------------- gradcheck, backend
     Row("gradcheck-wrt-int", lambda e: gradcheck(_sum_sq, [np.arange(3)], wrt=[0]), TypeError, "wrt: input 0 has dtype int64, not floating"),
+    Row("gradcheck-wrt-range", lambda e: gradcheck(_sum_sq, [np.ones(3)], wrt=[5]), ValueError, "wrt: expected indices of inputs in [0, 1), got [5]"),
+    Row("gradcheck-eps-zero", lambda e: gradcheck(_sum_sq, [np.ones(3)], eps=0.0), ValueError, "eps: expected a finite step > 0, got 0.0"),
+    Row("gradcheck-eps-nan", lambda e: gradcheck(_sum_sq, [np.ones(3)], eps=math.nan), ValueError, "eps: expected a finite step > 0, got nan"),
+    Row("gradcheck-no-directions", lambda e: gradcheck(_sum_sq, [np.ones(3)], n_directions=0), ValueError, "n_directions: expected an integer ≥ 1, got 0"),
+    Row("gradcheck-not-callable", lambda e: gradcheck(3, [np.ones(3)]), TypeError, "f: expected a function of Tensors, got int"),
     Row("set-backend-unknown", lambda e: minipeft.set_backend("torch"), ValueError, "backend: expected 'numpy' or 'cupy', got 'torch'"),
     Row("set-backend-none", lambda e: minipeft.set_backend(None), ValueError, "got None"),
 ]

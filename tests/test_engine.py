@@ -256,3 +256,28 @@ def test_numerical_grad_of_a_known_function():
     assert rel_error(g, 3 * x * x) < 1e-9  # truncation ε²·f'''/6 = 1e-12, rounding ~1e-10
     gw = numerical_grad(lambda t: t * t, [x], 0, weights=np.array([1.0, 2.0, 3.0]))
     assert rel_error(gw, np.array([1.0, 2.0, 3.0]) * 2 * x) < 1e-9
+
+
+def test_gradcheck_fails_on_a_nan_gradient_wherever_it_is():
+    """A NaN in any analytic gradient makes the result NaN (Python's max would skip it or
+    not depending on its position), so every ``error < tol`` fails."""
+    import math
+
+    from minipeft.autograd import Function, gradcheck
+
+    class NanOn(Function):  # identity whose VJP is NaN for input ``which``
+        def forward(self, a, b, which):
+            self.which = which
+            return a + b
+
+        def backward(self, g):
+            bad = g * math.nan
+            return (bad, g) if self.which == 0 else (g, bad)
+
+    for which in (0, 1):
+        for size in (3, 600):  # full and directional modes
+            res = gradcheck(
+                lambda a, b, w=which: NanOn.apply(a, b, which=w), [np.ones(size), np.ones(size)]
+            )
+            assert math.isnan(res.max_rel_error), (which, size, res)
+            assert not res.max_rel_error < 1.0

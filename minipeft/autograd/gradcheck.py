@@ -137,6 +137,16 @@ def gradcheck(
     along ``n_directions`` random Gaussian directions. Device inputs are checked on the
     device; a NaN in any gradient makes ``max_rel_error`` NaN (the check fails).
     """
+    if not callable(f):
+        raise TypeError(f"f: expected a function of Tensors, got {type(f).__name__}")
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 < eps < np.inf:
+        raise ValueError(f"eps: expected a finite step > 0, got {eps!r}")
+    if isinstance(n_directions, bool) or not isinstance(n_directions, int) or n_directions < 1:
+        raise ValueError(f"n_directions: expected an integer ≥ 1, got {n_directions!r}")
+    if wrt is not None and any(
+        isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(inputs) for i in wrt
+    ):
+        raise ValueError(f"wrt: expected indices of inputs in [0, {len(inputs)}), got {wrt!r}")
     device = _placement_of(inputs)
     arrays = [np.array(backend.to_numpy(x), copy=True, order="C") for x in inputs]
     for i, a in enumerate(arrays):

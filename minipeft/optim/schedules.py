@@ -29,7 +29,9 @@ __all__ = [
 def _check_steps(num_warmup_steps: Any, num_training_steps: Any) -> None:
     for name, v in (("num_warmup_steps", num_warmup_steps),
                     ("num_training_steps", num_training_steps)):  # fmt: skip
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name}: expected a non-negative integer, got {v!r}")
+        if v < 0:
             raise ValueError(f"{name}: expected a non-negative integer, got {v!r}")
 
 
@@ -88,6 +90,11 @@ class LambdaLR:
         n = len(optimizer.param_groups)
         if callable(lr_lambda):
             self.lr_lambdas = [lr_lambda] * n
+        elif not isinstance(lr_lambda, list | tuple):
+            raise TypeError(
+                f"lr_lambda: expected a callable or a list of {n} callables, "
+                f"got {type(lr_lambda).__name__}"
+            )
         else:
             self.lr_lambdas = list(lr_lambda)
             if len(self.lr_lambdas) != n or not all(callable(f) for f in self.lr_lambdas):
@@ -157,6 +164,10 @@ def get_cosine_schedule_with_warmup(
 ) -> LambdaLR:
     """Linear warmup over W steps, then cosine decay to 0 at T (Hugging Face's schedule)."""
     _check_steps(num_warmup_steps, num_training_steps)
+    if isinstance(num_cycles, bool) or not isinstance(num_cycles, int | float):
+        raise TypeError(f"num_cycles: expected a number, got {num_cycles!r}")
+    if not math.isfinite(num_cycles) or num_cycles < 0:
+        raise ValueError(f"num_cycles: expected a finite number ≥ 0, got {num_cycles!r}")
     f = functools.partial(
         cosine_with_warmup,
         num_warmup_steps=num_warmup_steps,
