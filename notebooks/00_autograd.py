@@ -34,7 +34,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import minipeft
-from minipeft.autograd import Function, Tensor, gradcheck, no_grad, ops
+from minipeft import tensor
+from minipeft.autograd import Function, gradcheck, no_grad, ops
 from minipeft.autograd.gradcheck import numerical_grad
 from minipeft.backend import to_numpy
 from minipeft.verify import run, select
@@ -130,7 +131,7 @@ np.testing.assert_allclose([A.grad, B.grad], [a_bar, b_bar], rtol=1e-15)
 # `.grad` (nor is its gradient product computed: `tests/test_engine.py` counts the matmuls).
 
 # %%
-ta, tb = Tensor(np.array(a), requires_grad=True), Tensor(np.array(b), requires_grad=True)
+ta, tb = tensor(np.array(a), requires_grad=True), tensor(np.array(b), requires_grad=True)
 ((ta * tb + ops.tanh(ta)) * tb).backward()
 np.testing.assert_allclose([to_numpy(ta.grad), to_numpy(tb.grad)], [a_bar, b_bar], rtol=1e-15)
 
@@ -145,8 +146,8 @@ def lora_loss(x, W0, A, B):
     return ops.tanh(ops.matmul(x, W0.T) + s * ops.matmul(ops.matmul(x, A.T), B.T)).sum()
 
 
-tW0, tA, tB = Tensor(W0), Tensor(A_, requires_grad=True), Tensor(B_, requires_grad=True)
-lora_loss(Tensor(x), tW0, tA, tB).backward()
+tW0, tA, tB = tensor(W0), tensor(A_, requires_grad=True), tensor(B_, requires_grad=True)
+lora_loss(tensor(x), tW0, tA, tB).backward()
 assert tW0.grad is None
 
 # the lecture's §3.6 Step 4, with Ḡ = ∂L/∂H = 1 − tanh²(H) and the batch sum written out:
@@ -158,7 +159,7 @@ np.testing.assert_allclose(to_numpy(tB.grad), grad_B, rtol=1e-12)
 np.testing.assert_allclose(to_numpy(tA.grad), grad_A, rtol=1e-12)
 
 with no_grad():  # inference: nothing is recorded
-    y = lora_loss(Tensor(x), tW0, tA, tB)
+    y = lora_loss(tensor(x), tW0, tA, tB)
 assert y._ctx is None and not y.requires_grad
 
 # %% [markdown]

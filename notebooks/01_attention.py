@@ -35,7 +35,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import minipeft
-from minipeft.autograd.tensor import Tensor
+from minipeft import tensor
 from minipeft.backend import to_numpy
 from minipeft.nn.attention import (
     attention_grad_k,
@@ -107,7 +107,7 @@ O = P @ V  # (n, d)
 
 # minipeft's fused op on the same numbers, as a (B=1, H=1) batch
 O_mp = scaled_dot_product_attention(
-    Tensor(Q[None, None]), Tensor(K[None, None]), Tensor(V[None, None]), causal=False
+    tensor(Q[None, None]), tensor(K[None, None]), tensor(V[None, None]), causal=False
 ).numpy()[0, 0]
 np.testing.assert_allclose(O_mp, O, rtol=1e-12)
 
@@ -246,7 +246,7 @@ print("dW_q, dB, dA, dX match central differences")
 # gradient (a frozen V costs no dV; frozen Q and K cost no dP, dS).
 
 # %%
-tq, tk, tv = (Tensor(a[None, None], requires_grad=True) for a in (Q, K, V))
+tq, tk, tv = (tensor(a[None, None], requires_grad=True) for a in (Q, K, V))
 scaled_dot_product_attention(tq, tk, tv, causal=False).backward(G[None, None])
 for name, mine, ours in (("dQ", tq.grad, dQ), ("dK", tk.grad, dK), ("dV", tv.grad, dV)):
     np.testing.assert_allclose(to_numpy(mine)[0, 0], ours, rtol=1e-12, atol=1e-14, err_msg=name)
@@ -299,9 +299,9 @@ plt.show()
 none_visible = np.zeros((n, n), dtype=bool)
 none_visible[:, 0] = True
 none_visible[3] = False  # query 3 sees nothing
-tq = Tensor(Q[None, None], requires_grad=True)
+tq = tensor(Q[None, None], requires_grad=True)
 out = scaled_dot_product_attention(
-    tq, Tensor(K[None, None]), Tensor(V[None, None]), causal=False, attn_mask=none_visible
+    tq, tensor(K[None, None]), tensor(V[None, None]), causal=False, attn_mask=none_visible
 )
 out.backward(G[None, None])
 out_h, grad_h = out.numpy()[0, 0], to_numpy(tq.grad)[0, 0]  # (n, d) each, on the host

@@ -34,7 +34,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import minipeft
-from minipeft import backend
+from minipeft import backend, tensor
 from minipeft.autograd.gradcheck import gradcheck
 from minipeft.autograd.tensor import Tensor, no_grad
 from minipeft.backend import to_numpy
@@ -60,14 +60,14 @@ with backend.dtype_policy("float64"):
     layer = LoraLayer(Linear(16, 8))
     layer.add_adapter("paper", r=4, lora_alpha=8)  # A Kaiming-uniform, B = 0
     layer.add_adapter("lecture", r=4, lora_alpha=8, init_lora_weights="lecture")  # A = 0
-x = Tensor(rng.standard_normal((32, 16)))
+x = tensor(rng.standard_normal((32, 16)))
 target = rng.standard_normal((32, 8))
 first_grads = {}
 for name in ("paper", "lecture"):
     layer.set_adapter(name)
     layer.zero_grad()
     np.testing.assert_array_equal(layer(x).numpy(), layer.base_layer(x).numpy())  # ΔW = 0
-    ((layer(x) - Tensor(target)) ** 2).mean().backward()
+    ((layer(x) - tensor(target)) ** 2).mean().backward()
     ga, gb = (to_numpy(m[name].weight.grad) for m in (layer.lora_A, layer.lora_B))
     first_grads[name] = (np.abs(ga).max(), np.abs(gb).max())
     print(f"{name:8s} init: max|∂L/∂A| = {first_grads[name][0]:.3e}   "
@@ -121,8 +121,8 @@ assert trainable == 294_912
 N, k, d, r, s = 6, 5, 4, 2, 0.75
 X, W0, A, B = (rng.standard_normal(sh) for sh in [(N, k), (d, k), (r, k), (d, r)])
 G = rng.standard_normal((N, d))
-tX, tA, tB = (Tensor(v, requires_grad=True) for v in (X, A, B))
-tW0 = Tensor(W0)  # frozen
+tX, tA, tB = (tensor(v, requires_grad=True) for v in (X, A, B))
+tW0 = tensor(W0)  # frozen
 H = lora_linear(tX, tW0, None, [(tA, tB, s)])
 np.testing.assert_allclose(H.numpy(), X @ (W0 + s * B @ A).T, atol=1e-12)  # lora.forward
 H.backward(G)
@@ -149,7 +149,7 @@ for dt in ("float64", "float32"):
         lay = LoraLayer(Linear(256, 256))
         lay.add_adapter("a", r=8, lora_alpha=16, init_lora_weights=False)
     w0 = lay.base_layer.weight.numpy().copy()  # a host copy: merge changes W₀ in place
-    xin = Tensor(rng.standard_normal((4, 256)).astype(dt))
+    xin = tensor(rng.standard_normal((4, 256)).astype(dt))
     y = lay(xin).numpy()
     lay.merge()
     y_merged = lay(xin).numpy()
@@ -172,7 +172,7 @@ with backend.dtype_policy("float64"):
     multi = LoraLayer(Linear(8, 8))
     for t in ("summarize", "translate", "classify"):
         multi.add_adapter(t, r=2, lora_alpha=4, init_lora_weights=False)
-xt = Tensor(rng.standard_normal((3, 8)))
+xt = tensor(rng.standard_normal((3, 8)))
 outs = {}
 for t in ("summarize", "translate", "classify"):
     multi.set_adapter(t)

@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import minipeft
-from minipeft import backend
+from minipeft import backend, tensor
 from minipeft.autograd.gradcheck import gradcheck
 from minipeft.autograd.tensor import Tensor
 from minipeft.backend import to_device, to_numpy
@@ -66,7 +66,7 @@ def fit(layer: LoraLayer, groups, steps: int = 100) -> list[float]:
     opt = AdamW(groups, weight_decay=0.0)
     losses = []
     for _ in range(steps):
-        loss = ((layer(Tensor(X)) - Tensor(Y)) ** 2).mean()
+        loss = ((layer(tensor(X)) - tensor(Y)) ** 2).mean()
         layer.zero_grad()
         loss.backward()
         opt.step()
@@ -179,9 +179,9 @@ dora_curve = fit(layer, [{"params": [p for p in layer.parameters() if p.requires
                           "lr": 2e-3}])  # fmt: skip
 print(f"DoRA r=4 loss after 100 steps: {dora_curve[-1]:.4f} "
       f"(LoRA r=4 α/r: {results[(False, 4)][1][-1]:.4f})")  # fmt: skip
-y = layer(Tensor(X)).numpy()
+y = layer(tensor(X)).numpy()
 layer.merge()
-np.testing.assert_allclose(layer(Tensor(X)).numpy(), y, atol=1e-10)
+np.testing.assert_allclose(layer(tensor(X)).numpy(), y, atol=1e-10)
 layer.unmerge()
 
 # %% [markdown]
@@ -195,9 +195,9 @@ layer.unmerge()
 r = 16
 pa = np.random.default_rng(5).uniform(-1, 1, (r, D)) * np.sqrt(6 / D)
 pb = np.random.default_rng(6).uniform(-1, 1, (D, r)) * np.sqrt(6 / r)
-xv = Tensor(X[:4])
+xv = tensor(X[:4])
 base_out = X[:4] @ W0.T
-vera_out = vera_linear(xv, Tensor(W0), None, Tensor(np.zeros(D)), Tensor(np.full(r, 0.1)),
+vera_out = vera_linear(xv, tensor(W0), None, tensor(np.zeros(D)), tensor(np.full(r, 0.1)),
                        to_device(pa), to_device(pb)).numpy()  # fmt: skip
 lecture_dw = (8 / r) * np.diag(np.ones(D)) @ pb @ np.diag(np.ones(r)) @ pa  # ones, α/r
 print(f"VeRA init:    max|ΔH| = {np.abs(vera_out - base_out).max():.1e}")

@@ -44,9 +44,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import minipeft
-from minipeft import backend
+from minipeft import backend, tensor
 from minipeft.autograd.gradcheck import gradcheck
-from minipeft.autograd.tensor import Tensor, no_grad
+from minipeft.autograd.tensor import no_grad
 from minipeft.backend import to_device, to_numpy
 from minipeft.models.gpt2 import GPT2, GPT2Config
 from minipeft.peft import LoraConfig, LoraLayer, get_peft_model, lora_linear
@@ -111,7 +111,7 @@ for fifo in (False, True):
         rng.standard_normal((3, 20)),
         rng.standard_normal((6, 3)),
     )
-    h = q.lora_forward(Tensor(x), [(Tensor(a), Tensor(b), 0.5)]).numpy()
+    h = q.lora_forward(tensor(x), [(tensor(a), tensor(b), 0.5)]).numpy()
     np.testing.assert_allclose(h, x @ w_oi.T + q.bias.numpy() + 0.5 * (x @ a.T) @ b.T, rtol=1e-13)
     print(f"fan_in_fan_out={fifo}: max|W − Ŵ| = {np.abs(w - w_hat).max():.3f} "
           f"(4-bit rounding), forward matches X·Ŵᵀ + b + s·XAᵀBᵀ")  # fmt: skip
@@ -129,16 +129,18 @@ w4 = Linear4bit(rng.standard_normal((7, 12)), blocksize=32, double_quant=True).w
 X, A, B, bias = (rng.standard_normal(s) for s in [(2, 3, 12), (2, 12), (7, 2), (7,)])
 mask = (rng.random(X.shape) >= 0.2) / 0.8  # M/(1−p)
 G = rng.standard_normal((2, 3, 7))
-tx, ta, tb = (Tensor(v, requires_grad=True) for v in (X, A, B))
+tx, ta, tb = (tensor(v, requires_grad=True) for v in (X, A, B))
 mask_dev = to_device(mask)  # beside the layer; the NumPy formulas below use `mask`
-linear4bit(tx, w4, Tensor(bias), [(ta, tb, 0.5)], masks=[mask_dev]).backward(G)
+linear4bit(tx, w4, tensor(bias), [(ta, tb, 0.5)], masks=[mask_dev]).backward(G)
 W_hat = to_numpy(w4.dequantize(np.float64))
 np.testing.assert_allclose(to_numpy(tx.grad), G @ W_hat + 0.5 * ((G @ B) @ A) * mask, rtol=1e-12)
 Xm = (X * mask).reshape(-1, 12)
 np.testing.assert_allclose(to_numpy(ta.grad), 0.5 * (G.reshape(-1, 7) @ B).T @ Xm, rtol=1e-12)
 np.testing.assert_allclose(to_numpy(tb.grad), 0.5 * G.reshape(-1, 7).T @ (Xm @ A.T), rtol=1e-12)
+# the inputs go where the 4-bit weight lives, so the check runs there (host or device)
 res = gradcheck(
-    lambda x, a, b: linear4bit(x, w4, Tensor(bias), [(a, b, 0.5)], masks=[mask_dev]), [X, A, B]
+    lambda x, a, b: linear4bit(x, w4, tensor(bias), [(a, b, 0.5)], masks=[mask_dev]),
+    [to_device(v) for v in (X, A, B)],
 )
 print(f"max relative error vs float64 central differences: {res.max_rel_error:.1e}")
 assert res.max_rel_error < 1e-6
@@ -160,7 +162,7 @@ minipeft.set_backend("numpy")  # tracemalloc sees host memory only: measure on t
 q_fc = Linear4bit(w_fc, fan_in_fan_out=True, double_quant=True)
 lay = LoraLayer(q_fc)
 lay.add_adapter("default", r=8, lora_alpha=16, init_lora_weights=False)
-xin = Tensor(rng.standard_normal((4, 32, 768)).astype(np.float32), requires_grad=True)
+xin = tensor(rng.standard_normal((4, 32, 768)).astype(np.float32), requires_grad=True)
 ad = [(lay.lora_A["default"].weight, lay.lora_B["default"].weight, lay.scaling["default"])]
 
 
@@ -178,7 +180,7 @@ def retained(fn) -> tuple[int, float]:
 held_ours, g_ours = retained(lambda: lay(xin))
 xin.grad = None
 held_naive, g_naive = retained(
-    lambda: lora_linear(xin, Tensor(q_fc.dequantize()), q_fc.bias, ad, fan_in_fan_out=True)
+    lambda: lora_linear(xin, tensor(q_fc.dequantize()), q_fc.bias, ad, fan_in_fan_out=True)
 )
 np.testing.assert_allclose(g_ours, g_naive, rtol=1e-5)  # same gradient
 print(f"held between forward and backward: QLoRA Function {held_ours / 2**20:.2f} MiB, "

@@ -44,7 +44,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 import minipeft
-from minipeft.autograd.tensor import Tensor
+from minipeft import tensor
 from minipeft.backend import to_numpy
 from minipeft.diffusion import (
     DiffusionConfig,
@@ -169,7 +169,7 @@ for t in (0, 10, 60, 99):
     step = sched.sampler_step(xt1, t, eps1, z1)
     np.testing.assert_allclose(step, mu_hat + math.sqrt(v1 - cov * cov / v2) * z1, atol=1e-10)
 
-e_hat = Tensor(rng.standard_normal((4, 64)), requires_grad=True)
+e_hat = tensor(rng.standard_normal((4, 64)), requires_grad=True)
 x0b, epsb = rng.uniform(-1, 1, (4, 64)), rng.standard_normal((4, 64))
 loss = diffusion_loss(lambda xt, t, c: e_hat, sched, x0b, 0, np.array([0, 5, 50, 99]), epsb)
 loss.backward()
@@ -287,7 +287,7 @@ for tag in ("base", "lam=0", "lam=1"):
 
 # %%
 model, _ = finetune(base, sched, subject, DreamBoothConfig(steps=20, lam=0.0))
-xt_probe = Tensor(x[:16])
+xt_probe = tensor(x[:16])
 t_probe = np.arange(16) * 6
 with model.disable_adapter():
     off = model(xt_probe, t_probe, 3).numpy()

@@ -109,7 +109,11 @@ def test_mixing_host_and_device_names_both_placements(where):
         minipeft.seed(0)
         layer = Linear(4, 3)
         x_host = Tensor(np.ones((2, 4), dtype=np.float32), requires_grad=True).to("numpy")
-        assert on_device(Tensor(np.ones(2)).data)  # new tensors live on the current backend
+        assert on_device(minipeft.tensor(np.ones(2)).data)  # created on the current backend
+        assert not on_device(Tensor(np.ones(2)).data)  # an existing array is wrapped in place
+        assert not on_device((Tensor(np.ones(2)) * 2).data)  # numbers follow their tensor
+        g = ops.tanh(Tensor(np.ones(3), requires_grad=True))
+        g.backward(np.ones(3))  # a host cotangent for a host output
         with pytest.raises(backend.PlacementError, match=r"numpy \(host\).*cupy \(device\)"):
             layer(x_host)
         with pytest.raises(backend.PlacementError, match=r"constant: a numpy array of shape"):
@@ -276,7 +280,7 @@ def test_sgd_and_adamw_follow_their_parameters_to_the_device(where):
             for step in range(4):
                 if step == 2:  # the model moves mid-training; the optimizer's state follows
                     layer.to("cupy")
-                xin = Tensor(x).to(layer.weight.placement())
+                xin = Tensor(backend.to_device(x, layer.weight.placement()))
                 (layer(xin) ** 2).sum().backward()
                 opt.step()
                 opt.zero_grad()

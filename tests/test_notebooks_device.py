@@ -21,7 +21,7 @@ nbclient = pytest.importorskip("nbclient", reason="nbclient (dev extra, via nbma
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 #: the notebooks CI runs on the stand-in device (the issue asks for at least 00, 01 and 02)
-ON_DEVICE = ["00_autograd", "01_attention", "02_lora"]
+ON_DEVICE = ["00_autograd", "01_attention", "02_lora", "03_lora_family", "08_dreambooth"]
 
 CHECK = """
 import cupy, minipeft

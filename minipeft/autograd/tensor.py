@@ -77,8 +77,8 @@ def _as_array(data: Any, dtype: Any = None) -> Any:
     if isinstance(data, Tensor):
         raise TypeError("data: expected an array or a number, got a Tensor (use .data)")
     xp = backend.xp_of(data)
-    if xp is np:
-        xp = backend.xp()  # host data (lists, numbers, NumPy arrays) goes to the current backend
+    if xp is np and not isinstance(data, np.ndarray | np.generic):
+        xp = backend.xp()  # Python numbers and lists are new data: the current backend
     arr = xp.asarray(data, dtype=dtype)
     if dtype is None and arr.dtype.kind in "fc" and not hasattr(data, "dtype"):
         # Python floats and lists take the default dtype; an array (NumPy or CuPy) keeps its
@@ -90,9 +90,11 @@ def _as_array(data: Any, dtype: Any = None) -> Any:
 class Tensor:
     """An array with an optional gradient and a link to the Function that made it.
 
-    A tensor lives where its array lives. ``Tensor(data)`` puts host data (NumPy arrays,
-    lists, numbers) on the current backend (``set_backend``) and leaves a device array where
-    it is; ``.to("numpy" | "cupy")`` copies it explicitly.
+    A tensor lives where its array lives: ``Tensor(array)`` wraps a NumPy or CuPy array where
+    it is (operations take their namespace from their inputs, never from a global), Python
+    numbers and lists go to the current backend. ``minipeft.tensor(data)`` creates a tensor
+    on the current backend (host data copied to the device under ``set_backend("cupy")``),
+    and ``.to("numpy" | "cupy")`` copies one explicitly.
     """
 
     __slots__ = ("__weakref__", "_ctx", "_out", "data", "grad", "name", "requires_grad")
@@ -187,7 +189,8 @@ class Tensor:
         """Accumulate d(self)/d(leaf) into every leaf's ``.grad`` that requires one.
         [autograd.backward]
 
-        ``grad`` is the upstream gradient ḡ (defaults to 1 for a scalar). The graph is
+        ``grad`` is the upstream gradient ḡ (defaults to 1 for a scalar; a host array for a
+        device output is copied there once). The graph is
         walked in reverse topological order; each Function receives the sum of all
         gradients flowing into its output before it runs, so shared nodes are handled once.
         """
@@ -198,12 +201,9 @@ class Tensor:
                 raise ValueError(f"grad: required for a non-scalar output of shape {self.shape}")
             grad = backend.xp_of(self.data).ones_like(self.data)
         else:
-            grad = _as_array(grad.data if isinstance(grad, Tensor) else grad, self.dtype)
-            if backend.placement(grad) != backend.placement(self.data):
-                raise backend.PlacementError(
-                    f"grad: lives on {backend.placement(grad)}, the output on "
-                    f"{backend.placement(self.data)}"
-                )
+            # the cotangent is an input of this call: moved once to where the output lives
+            grad = backend.like(grad.data if isinstance(grad, Tensor) else grad, self.data)
+            grad = _as_array(grad, self.dtype)
             if tuple(grad.shape) != self.shape:
                 raise ValueError(f"grad: expected shape {self.shape}, got {tuple(grad.shape)}")
 
@@ -349,13 +349,15 @@ class Tensor:
 
 
 def tensor(data: Any, requires_grad: bool = False, dtype: Any = None) -> Tensor:
-    """Create a Tensor (floats default to the current default dtype); as ``Tensor(data)``.
+    """Create a Tensor on the current backend (floats default to the current default dtype).
 
     Host data (a NumPy array, a list, a number) given under ``set_backend("cupy")`` is
-    copied to the device: creating a tensor is an explicit call, and new tensors live on the
-    current backend. A device array stays where it is.
+    copied to the device — as ``torch.tensor`` places data on the default device; a device
+    array stays where it is. ``Tensor(array)`` instead wraps an array where it lives.
     """
-    return Tensor(data, requires_grad=requires_grad, dtype=dtype)
+    if isinstance(data, Tensor):
+        raise TypeError("data: expected an array or a number, got a Tensor (use .data)")
+    return Tensor(backend.to_device(data), requires_grad=requires_grad, dtype=dtype)
 
 
 def data_of(x: Any) -> Any:

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from .. import backend
+from ..backend import to_numpy
 from ..nn.module import Module
 from .blockwise import QuantState, dequantize_4bit, quantize_4bit
 
@@ -163,14 +165,16 @@ def loftq_model(
         fifo = kind == "Conv1D"
         r, alpha = config.rank_and_alpha(name)
         s = lora_scaling(r, alpha, config.use_rslora)
-        w = mod.weight.data
+        # LoftQ alternates SVDs and 4-bit quantization in float64 on the host: one explicit
+        # copy of W in, the codes and (A, B) back beside the model
+        w = to_numpy(mod.weight.data)
         res = loftq_init(
             w.T if fifo else w, r, s, num_iter, quant_type=quant_type, blocksize=blocksize,
             double_quant=double_quant, fan_in_fan_out=fifo,
         )  # fmt: skip
         q = Linear4bit.from_quantized(
             res.packed, res.state, getattr(mod, "bias", None), fan_in_fan_out=fifo
-        )
+        ).to(mod.weight.placement())  # where the layer it replaces lived
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         parent._modules[child] = q  # same name, same place in the parent's child order
@@ -179,6 +183,7 @@ def loftq_model(
     pm = get_peft_model(model, config, adapter_name)
     for name, res in adapters.items():
         layer = model.get_submodule(name)
-        layer.lora_A[adapter_name].weight.data[...] = res.A
-        layer.lora_B[adapter_name].weight.data[...] = res.B
+        for holder, value in ((layer.lora_A, res.A), (layer.lora_B, res.B)):
+            target = holder[adapter_name].weight.data
+            target[...] = backend.like(value, target)
     return pm
