@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io import atomic_directory, check_directory_target
+from ..kernels.cpu import compile_progress
 from ..verify import Result, run, select
 from . import CLIError, argument
 
@@ -106,7 +107,8 @@ def main(args: argparse.Namespace) -> int:
         for e in eqs:
             print(f"{e.id:32s} {e.what}  [{e.link}]")
         return 0
-    results = run(eqs)
+    with compile_progress():  # stderr: which kernel families compile (a cold cache only)
+        results = run(eqs)
     print(report(results))
     if args.export is not None:
         with argument("--export"):
