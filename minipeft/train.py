@@ -274,6 +274,35 @@ def _blas_threads(threads: int | None) -> Any:
     return threadpool_limits(limits=threads)
 
 
+class _NoBar:
+    """The steps without a progress bar (``progress=False``): tqdm is not needed then."""
+
+    def __init__(self, steps: range) -> None:
+        self.steps = steps
+
+    def __iter__(self) -> Any:
+        return iter(self.steps)
+
+    def set_postfix(self, **_: Any) -> None:
+        pass
+
+
+def _progress_bar(steps: range, progress: bool) -> Any:
+    """A tqdm bar over ``steps`` when ``progress``; tqdm is an optional dependency (the
+    ``notebooks`` and ``dev`` extras), imported only here."""
+    if not progress:
+        return _NoBar(steps)
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as exc:
+        raise ImportError(
+            "progress: True shows a tqdm progress bar, but tqdm is not installed; install "
+            "it with pip install 'minipeft[notebooks]' (or pip install tqdm), or pass "
+            "progress=False"
+        ) from exc
+    return tqdm(steps, desc="train", leave=False)
+
+
 def _train(
     model: Module,
     task: Mapping[str, TokenizedSplit],
@@ -294,8 +323,6 @@ def _train(
     after_step: Callable[[int], None] | None,
     progress: bool,
 ) -> TrainResult:
-    from tqdm.auto import tqdm
-
     steps = _check_int("steps", steps, 1)
     batch_size = _check_int("batch_size", batch_size, 1)
     eval_every = _check_int("eval_every", eval_every, 1)
@@ -319,7 +346,7 @@ def _train(
         start = load_checkpoint(checkpoint, model, opt, result)
     data = task["train"]
     window: list[float] = []
-    bar = tqdm(range(start, steps), disable=not progress, desc="train", leave=False)
+    bar = _progress_bar(range(start, steps), progress)
     traced = 0
     for step in bar:
         model.train()
