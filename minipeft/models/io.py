@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import struct
 from collections.abc import Collection, Mapping
@@ -91,7 +92,71 @@ def read_safetensors_header(path: PathLike) -> dict[str, dict[str, Any]]:
         header = loads_json(text, f"{p}: not a safetensors file (bad JSON header)")
     if not isinstance(header, dict):
         raise CheckpointError(f"{p}: not a safetensors file (header is not a JSON object)")
+    _check_header(p, header, size - 8 - n)
     return header
+
+
+# bytes per element of the dtypes the safetensors format names
+_ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+
+
+def _check_header(p: Path, header: dict[str, Any], body: int) -> None:
+    """Every entry well-formed and backed by the file's bytes, before anything is allocated.
+
+    The format's own rules (which the safetensors library enforces only when the data are
+    read): a known dtype, a shape of non-negative ints, ``data_offsets`` ``[begin, end]``
+    with ``end - begin`` = elements × item size, the entries tiling the body exactly; and
+    ``__metadata__`` a map of strings to strings. So a shape in the header can never ask
+    for more memory than the file holds.
+    """
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise CheckpointError(
+                    f"{p}: __metadata__: expected a map of strings to strings, got {info!r}"[:300]
+                )
+            continue
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise CheckpointError(f"{p}: tensor {name!r} has a malformed header entry {info!r}")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _ITEMSIZE:
+            raise CheckpointError(
+                f"{p}: tensor {name!r}: expected a dtype among {sorted(_ITEMSIZE)}, got {dtype!r}"
+            )
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise CheckpointError(f"{p}: tensor {name!r} has a malformed shape {shape!r}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= body
+        ):
+            raise CheckpointError(
+                f"{p}: tensor {name!r}: expected data_offsets [begin, end] within the "
+                f"{body} data bytes, got {offsets!r}"
+            )
+        nbytes = math.prod(shape) * _ITEMSIZE[dtype]
+        if offsets[1] - offsets[0] != nbytes:
+            raise CheckpointError(
+                f"{p}: tensor {name!r}: shape {shape} of {dtype} needs {nbytes} bytes, "
+                f"data_offsets {offsets} hold {offsets[1] - offsets[0]}"
+            )
+        spans.append((offsets[0], offsets[1]))
+    end = 0
+    for begin, stop in sorted(spans):
+        if begin != end:
+            raise CheckpointError(
+                f"{p}: tensor data must tile the body: a gap or overlap at byte {begin}"
+            )
+        end = stop
+    if end != body:
+        raise CheckpointError(f"{p}: tensor data end at byte {end}, the body has {body} bytes")
 
 
 def _bf16_to_f32(raw: bytes, shape: list[int]) -> np.ndarray:
