@@ -410,10 +410,16 @@ def load_4bit(path: str | os.PathLike[str]) -> tuple[np.ndarray, QuantState]:
     except (json.JSONDecodeError, RecursionError):
         raise ValueError(f"path: {path}: 'minipeft.quant_state' is not valid JSON") from None
     _check_4bit_parts(path, tensors, meta)
-    state = QuantState.from_parts(tensors, meta)
+    try:
+        state = QuantState.from_parts(tensors, meta)
+    except (TypeError, ValueError) as exc:  # from_parts names the field; add the file
+        raise type(exc)(f"{path}: {exc}") from None
     packed = tensors["packed"]
     if packed.dtype != np.uint8 or packed.shape != ((state.numel + 1) // 2,):
-        raise ValueError(f"packed: expected uint8 ({(state.numel + 1) // 2},), got {packed.shape}")
+        raise ValueError(
+            f"{path}: packed: expected uint8 ({(state.numel + 1) // 2},), "
+            f"got {packed.dtype} {packed.shape}"
+        )
     return packed, state
 
 
