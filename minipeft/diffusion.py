@@ -25,6 +25,7 @@ Run ``python -m minipeft.diffusion pretrain --out FILE`` to train and save a bas
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -454,27 +455,74 @@ def save_checkpoint(path: str | os.PathLike, model: Denoiser, extra: dict | None
 
 
 def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The checkpoint's config (and ``extra`` training record) without loading weights."""
-    from safetensors import safe_open
+    """The checkpoint's config (and ``extra`` training record) without loading weights.
 
-    with safe_open(str(path), framework="numpy") as f:
-        meta = f.metadata() or {}
+    Reads the safetensors header only (validated: ``minipeft.models.io``); errors name the
+    file: FileNotFoundError, or a ValueError (``CheckpointError``) for a file that is not a
+    minipeft diffusion checkpoint or whose JSON metadata is invalid.
+    """
+    from .models.io import CheckpointError, loads_json, read_safetensors_header
+
+    meta = read_safetensors_header(path).get("__metadata__") or {}
     if "config" not in meta:
         raise ValueError(f"path: {path} has no 'config' metadata; not a minipeft diffusion file")
-    out = {"config": json.loads(meta["config"])}
+    out = {"config": loads_json(meta["config"], f"{path}: metadata 'config'")}
+    if not isinstance(out["config"], dict):
+        raise CheckpointError(f"{path}: metadata 'config' must be a JSON object")
     if "extra" in meta:
-        out["extra"] = json.loads(meta["extra"])
+        out["extra"] = loads_json(meta["extra"], f"{path}: metadata 'extra'")
     return out
 
 
+_MAX_T = 100_000  # diffusion steps: DDPM uses 1000; a larger T is a corrupt file
+
+
 def load_checkpoint(path: str | os.PathLike) -> tuple[Denoiser, NoiseSchedule]:
-    """Rebuild the denoiser from a file written by ``save_checkpoint``."""
-    from safetensors.numpy import load_file
+    """Rebuild the denoiser from a file written by ``save_checkpoint``.
+
+    The config is checked against the file's tensor shapes before the model is built (so a
+    config claiming a huge width allocates nothing) and every tensor's name, shape and
+    dtype before any is copied in; errors name the file.
+    """
+    from .models.io import CheckpointError, check_config_sizes, check_tensors, load_safetensors
 
     meta = read_checkpoint_metadata(path)
-    cfg = DiffusionConfig(**meta["config"])
+    fields = {f.name for f in dataclasses.fields(DiffusionConfig)}
+    unknown = sorted(set(meta["config"]) - fields)
+    if unknown:
+        raise CheckpointError(
+            f"{path}: config: unknown key(s) {unknown} (fields: {sorted(fields)})"
+        )
+    try:
+        cfg = DiffusionConfig(**meta["config"])
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{path}: config: {exc}") from None
+    if any(isinstance(v, bool) for v in meta["config"].values()):
+        raise CheckpointError(
+            f"{path}: config: expected integers, got a boolean in {meta['config']}"
+        )
+    if cfg.T > _MAX_T:
+        raise CheckpointError(f"{path}: config: T: expected at most {_MAX_T} steps, got {cfg.T}")
+    check_config_sizes(
+        path,
+        path,
+        {
+            "token_emb.weight": (
+                ("num_classes + num_reserved", cfg.num_tokens),
+                ("hidden", cfg.hidden),
+            ),
+            "time_fc1.weight": (("hidden", cfg.hidden), ("time_dim", cfg.time_dim)),
+            "blocks.0.fc1.weight": (("mlp_hidden", cfg.mlp_hidden), ("hidden", cfg.hidden)),
+        },
+        ("blocks.", "n_blocks", cfg.n_blocks),
+    )
     model = Denoiser(cfg)
-    model.load_state_dict(load_file(str(path)))
+    tensors = load_safetensors(path)
+    check_tensors(tensors, {k: v.shape for k, v in model.state_dict().items()}, source=path)
+    bad = {k: str(v.dtype) for k, v in tensors.items() if v.dtype.kind != "f"}
+    if bad:
+        raise CheckpointError(f"{path}: expected floating tensors, got {bad}")
+    model.load_state_dict(tensors)
     return model, NoiseSchedule(cfg.T, cfg.schedule)
 
 
