@@ -416,28 +416,65 @@ def save_checkpoint(
 def load_checkpoint(
     directory: str | Path, model: Module, optimizer: AdamW, result: TrainResult | None = None
 ) -> int:
-    """Restore what ``save_checkpoint`` wrote; return the step to continue from."""
-    from safetensors.numpy import load_file
+    """Restore what ``save_checkpoint`` wrote; return the step to continue from.
+
+    All three files are validated before anything is restored — tensor names, shapes,
+    dtypes and finiteness, the progress record's types, the optimizer state (``load_state``
+    validates before it restores) — so a bad checkpoint raises ValueError/TypeError naming
+    the file and leaves ``model``, ``optimizer`` and ``result`` unchanged.
+    """
+    from .models.io import CheckpointError, load_safetensors, read_json
 
     d = Path(directory)
-    tensors = load_file(str(d / "trainable.safetensors"))
+    wpath, tpath = d / "trainable.safetensors", d / "trainer.json"
     named = dict(trainable_parameters(model))
-    if set(tensors) != set(named):
-        raise ValueError(
-            f"directory: {d} holds trainable tensors {sorted(set(tensors) ^ set(named))[:4]} "
-            "that do not match the model's trainable parameters"
-        )
+    tensors = load_safetensors(wpath, expected={n: tuple(p.shape) for n, p in named.items()})
+    for name, arr in tensors.items():
+        if arr.dtype.kind != "f" or not np.isfinite(arr).all():
+            raise CheckpointError(
+                f"{wpath}: tensor {name!r}: expected finite floating values, got dtype {arr.dtype}"
+            )
+    state = read_json(tpath)
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{tpath}: step: expected an integer >= 0, got {step!r}")
+    saved = _checked_progress(tpath, state.get("result")) if result is not None else None
+    load_state(d / "optimizer.safetensors", optimizer)  # validated whole, then restored
+    # everything is checked: nothing below can fail half-way
     for name, arr in tensors.items():
         p = named[name]
-        if arr.shape != p.shape:
-            raise ValueError(f"{name}: expected shape {p.shape}, got {arr.shape} in {d}")
         p.data[...] = backend.xp_of(p.data).asarray(arr, dtype=p.dtype)
-    load_state(d / "optimizer.safetensors", optimizer)
-    state = json.loads((d / "trainer.json").read_text(encoding="utf-8"))
-    if result is not None:
-        saved = state["result"]
+    if result is not None and saved is not None:
         result.losses[:] = saved["losses"]
         result.curve[:] = saved["curve"]
         result.step_seconds[:] = saved["step_seconds"]
         result.peak_bytes = saved["peak_bytes"]
-    return int(state["step"])
+    return step
+
+
+def _checked_progress(path: Path, saved: Any) -> dict[str, Any]:
+    """The saved ``TrainResult`` fields, type-checked (numbers may be NaN: a diverged run)."""
+    from .models.io import CheckpointError
+
+    def number(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    ok = (
+        isinstance(saved, dict)
+        and all(
+            isinstance(saved.get(k), list) and all(number(v) for v in saved[k])
+            for k in ("losses", "step_seconds")
+        )
+        and isinstance(saved.get("curve"), list)
+        and all(isinstance(c, dict) and all(number(v) for v in c.values()) for c in saved["curve"])
+        and isinstance(saved.get("peak_bytes"), int)
+        and not isinstance(saved["peak_bytes"], bool)
+        and saved["peak_bytes"] >= 0
+    )
+    if not ok:
+        raise CheckpointError(
+            f"{path}: result: expected losses and step_seconds (lists of numbers), curve "
+            f"(a list of objects of numbers) and peak_bytes (an integer >= 0), "
+            f"got {saved!r}"[:400]
+        )
+    return saved
