@@ -170,18 +170,19 @@ _POLICY = {"ignored_keys": {"architectures"}, "accepted_values": {"scale": (True
 
 
 def test_config_policy(tmp_path):
-    cfg = io.config_from_dict(_Cfg, {"width": 8, "architectures": ["X"], "scale": True}, **_POLICY)
+    data = {"width": 8, "architectures": ["X"], "scale": True}
+    cfg = io.dataclass_from_dict(_Cfg, data, **_POLICY)
     assert cfg == _Cfg(width=8, act="relu")
     with pytest.raises(io.CheckpointError, match=r"unknown key\(s\) \['rotary', 'zeta'\]"):
-        io.config_from_dict(_Cfg, {"width": 8, "zeta": 1, "rotary": 2}, **_POLICY)
+        io.dataclass_from_dict(_Cfg, {"width": 8, "zeta": 1, "rotary": 2}, **_POLICY)
     with pytest.raises(io.CheckpointError, match=r"scale=False is not supported"):
-        io.config_from_dict(_Cfg, {"scale": False}, **_POLICY)
+        io.dataclass_from_dict(_Cfg, {"scale": False}, **_POLICY)
     with pytest.raises(ValueError, match=r"c\.json: width: expected a positive integer"):
-        io.config_from_dict(_Cfg, {"width": -1}, source="c.json", **_POLICY)
+        io.dataclass_from_dict(_Cfg, {"width": -1}, source="c.json", **_POLICY)
     f = io.write_json_atomic(tmp_path / "config.json", {"width": 2, "act": "gelu"})
     assert io.read_json_config(f, _Cfg, **_POLICY) == _Cfg(2, "gelu")
     io.write_json_atomic(f, {"width": 2, "heads": 3})
     with pytest.raises(io.CheckpointError, match=r"config\.json: unknown key\(s\) \['heads'\]"):
         io.read_json_config(f, _Cfg, **_POLICY)
     with pytest.raises(TypeError, match="dataclass"):
-        io.config_from_dict(dict, {})
+        io.dataclass_from_dict(dict, {})

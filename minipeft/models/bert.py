@@ -195,7 +195,7 @@ class BertConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> BertConfig:
         """A config from a dict such as HF's ``config.json`` (key policy: class docstring)."""
-        return io.config_from_dict(
+        return io.dataclass_from_dict(
             cls, data, ignored_keys=_IGNORED_KEYS, accepted_values=_ACCEPTED_VALUES, source=source
         )
 

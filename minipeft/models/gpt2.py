@@ -186,7 +186,7 @@ class GPT2Config:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> GPT2Config:
         """A config from a dict such as HF's ``config.json`` (key policy: class docstring)."""
-        return io.config_from_dict(
+        return io.dataclass_from_dict(
             cls,
             data,
             ignored_keys=_IGNORED_KEYS,

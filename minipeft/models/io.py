@@ -12,7 +12,7 @@ actual value:
   the same directory, fsync'ed, then renamed into place (``minipeft.io.atomic_write``), so
   a reader never sees half a file.
 * ``read_json_config(path, cls, ignored_keys=..., accepted_values=...)`` — a dataclass
-  from a JSON object under an explicit key policy (see ``config_from_dict``).
+  from a JSON object under an explicit key policy (see ``dataclass_from_dict``).
 
 The safetensors format (https://github.com/huggingface/safetensors): an 8-byte
 little-endian header length N, N bytes of JSON mapping each name to
@@ -42,7 +42,7 @@ __all__ = [
     "atomic_write",
     "check_config_sizes",
     "check_tensors",
-    "config_from_dict",
+    "dataclass_from_dict",
     "load_safetensors",
     "loads_json",
     "read_json",
@@ -407,7 +407,7 @@ def read_json(path: PathLike) -> dict[str, Any]:
     return data
 
 
-def config_from_dict(
+def dataclass_from_dict(
     cls: type[T],
     data: Mapping[str, Any],
     *,
@@ -459,8 +459,8 @@ def read_json_config(
     ignored_keys: Collection[str] = (),
     accepted_values: Mapping[str, Collection[Any]] | None = None,
 ) -> T:
-    """Read ``path`` (a JSON object) into the dataclass ``cls`` — see ``config_from_dict``."""
-    return config_from_dict(
+    """Read ``path`` (a JSON object) into the dataclass ``cls`` — see ``dataclass_from_dict``."""
+    return dataclass_from_dict(
         cls,
         read_json(path),
         ignored_keys=ignored_keys,
