@@ -53,12 +53,12 @@ __all__ = [
     "ResBlock",
     "diffusion_loss",
     "digit_classifier",
-    "load_checkpoint",
+    "load_denoiser",
     "load_digits",
     "pretrain",
     "read_checkpoint_metadata",
     "sample",
-    "save_checkpoint",
+    "save_denoiser",
     "timestep_embedding",
 ]
 
@@ -442,8 +442,12 @@ def pretrain(
 
 
 # ------------------------------------------------------------------------------ files
-def save_checkpoint(path: str | os.PathLike, model: Denoiser, extra: dict | None = None) -> None:
-    """Write the weights as safetensors with the config (JSON) in the metadata; atomic."""
+def save_denoiser(path: str | os.PathLike, model: Denoiser, extra: dict | None = None) -> None:
+    """Write the weights as safetensors with the config (JSON) in the metadata; atomic.
+
+    A model file (config + weights), not a resumable training state: that is
+    ``minipeft.train.save_checkpoint`` (trainable tensors, optimizer, progress).
+    """
     from safetensors.numpy import save_file
 
     path = Path(path)
@@ -477,8 +481,8 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
 _MAX_T = 100_000  # diffusion steps: DDPM uses 1000; a larger T is a corrupt file
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[Denoiser, NoiseSchedule]:
-    """Rebuild the denoiser from a file written by ``save_checkpoint``.
+def load_denoiser(path: str | os.PathLike) -> tuple[Denoiser, NoiseSchedule]:
+    """Rebuild the denoiser from a file written by ``save_denoiser``.
 
     The config is checked against the file's tensor shapes before the model is built (so a
     config claiming a huge width allocates nothing) and every tensor's name, shape and
@@ -538,7 +542,7 @@ def _main(argv: list[str] | None = None) -> int:
     cfg = DiffusionConfig()
     tr = PretrainConfig(steps=args.steps, seed=args.seed)
     model, _, losses = pretrain(cfg, tr, log_every=max(1, args.steps // 10))
-    save_checkpoint(
+    save_denoiser(
         args.out,
         model,
         extra={"pretrain": asdict(tr), "final_loss_mean_100": float(np.mean(losses[-100:]))},

@@ -19,11 +19,11 @@ from minipeft.diffusion import (
     PretrainConfig,
     _main,
     diffusion_loss,
-    load_checkpoint,
+    load_denoiser,
     pretrain,
     read_checkpoint_metadata,
     sample,
-    save_checkpoint,
+    save_denoiser,
 )
 from minipeft.verify import registry
 
@@ -214,11 +214,11 @@ def test_pretrain_is_deterministic_and_leaves_reserved_rows_alone():
 def test_checkpoint_round_trip(tmp_path):
     m = _tiny(1)
     path = tmp_path / "sub" / "base.safetensors"
-    save_checkpoint(path, m, extra={"note": "tiny"})
+    save_denoiser(path, m, extra={"note": "tiny"})
     assert os.listdir(path.parent) == ["base.safetensors"]  # no temporary file left
     meta = read_checkpoint_metadata(path)
     assert meta["config"]["hidden"] == 8 and meta["extra"] == {"note": "tiny"}
-    m2, s2 = load_checkpoint(path)
+    m2, s2 = load_denoiser(path)
     assert m2.config == TINY and s2.T == TINY.T
     x = Tensor(np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32))
     np.testing.assert_array_equal(m(x, 3, 1).data, m2(x, 3, 1).data)
@@ -231,7 +231,7 @@ def test_pretrain_cli_writes_a_loadable_checkpoint(tmp_path):
     meta = read_checkpoint_metadata(out)
     assert meta["config"] == {**DiffusionConfig().__dict__}
     assert meta["extra"]["pretrain"]["steps"] == 2
-    model, sched = load_checkpoint(out)
+    model, sched = load_denoiser(out)
     assert sched.T == DiffusionConfig().T
     assert model(Tensor(np.zeros((1, 64), np.float32)), 0, 3).shape == (1, 64)
 

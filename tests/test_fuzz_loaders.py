@@ -454,14 +454,14 @@ DIFF_TINY = dict(hidden=8, mlp_hidden=8, n_blocks=1, time_dim=4, T=10)
 @FUZZ
 @given(data=st.data())
 def test_diffusion_load_checkpoint(files, data):
-    from minipeft.diffusion import Denoiser, DiffusionConfig, load_checkpoint, save_checkpoint
+    from minipeft.diffusion import Denoiser, DiffusionConfig, load_denoiser, save_denoiser
 
     with scratch(files["gpt2"].parent / "none") as d:
         f = d / "denoiser.safetensors"
         backend.seed(0)
-        save_checkpoint(f, Denoiser(DiffusionConfig(**DIFF_TINY)), extra={"note": "tiny"})
+        save_denoiser(f, Denoiser(DiffusionConfig(**DIFF_TINY)), extra={"note": "tiny"})
         f.write_bytes(mutate_safetensors(data, f.read_bytes(), ("config", "extra")))
-        outcome(lambda: load_checkpoint(f), f.name)
+        outcome(lambda: load_denoiser(f), f.name)
 
 
 # ---------------------------------------------------------------------------- training
