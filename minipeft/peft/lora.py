@@ -53,6 +53,76 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
     return float(alpha) / math.sqrt(r) if use_rslora else float(alpha) / r
 
 
+# ------------------------------------------------------------------------------ the branch
+# One LoRA branch, shared by every fused LoRA Function: ``LoraFunction`` below (float W₀) and
+# ``Linear4bitFunction`` (minipeft.quant.qlora: Ŵ dequantized from 4 bits). Each Function only
+# says where the base weight comes from; the layout, the branch and its backward are these.
+def base_matmul(xs: Array, w: Array, fan_in_fan_out: bool) -> Array:
+    """X·Wᵀ (Linear, W (out, in)) or X·W (Conv1D, W stored (in, out)): a fresh (N, out)."""
+    return xs @ w if fan_in_fan_out else xs @ w.T
+
+
+def base_grad_x(g: Array, w: Array, fan_in_fan_out: bool) -> Array:
+    """G·W (Linear) or G·Wᵀ (Conv1D): the base's part of ∂L/∂X, a fresh (N, in)."""
+    return g @ w.T if fan_in_fan_out else g @ w
+
+
+def lora_branch_forward(
+    h: Array,
+    xs: Array,
+    pairs: Sequence[Array],
+    scales: Sequence[float],
+    masks: Sequence[Array | None],
+    needs_grad: Sequence[bool],
+) -> list[tuple[Array, Array, Array | None, Array, Array | None]]:
+    """H += Σᵢ sᵢ·(X̃ᵢ·Aᵢᵀ)·Bᵢᵀ in place; return what ``lora_branch_backward`` needs.
+
+    ``h`` (N, out) holds the base output, ``xs`` the input X (N, in), ``pairs`` the flat
+    [A₁, B₁, A₂, B₂, …], ``masks`` each adapter's dropout multiplier M/(1−p) (shaped like
+    the input, or None) and ``needs_grad`` whether A₁, B₁, A₂, … need a gradient. Saved per
+    adapter: A, B, X̃ (only when ∂L/∂A is needed), U = X̃·Aᵀ (N, r) and the flat mask.
+    """
+    k = xs.shape[-1]
+    saved = []
+    for i, s in enumerate(scales):
+        a, b = pairs[2 * i], pairs[2 * i + 1]
+        m = masks[i]
+        xd = xs if m is None else xs * m.reshape(-1, k)  # X̃ = X ⊙ M/(1−p)   (N, in)
+        u = xd @ a.T  # U = X̃·Aᵀ   (N, r)
+        h += (s * u) @ b.T  # H += s·U·Bᵀ  (s applied to the small (N, r) factor)
+        # ∂L/∂A needs X̃; ∂L/∂B needs U; ∂L/∂X needs A, B (and M)
+        xd_kept = xd if needs_grad[2 * i] else None
+        saved.append((a, b, xd_kept, u, None if m is None else m.reshape(-1, k)))
+    return saved
+
+
+def lora_branch_backward(
+    g: Array,
+    gx: Array | None,
+    scales: Sequence[float],
+    saved: Sequence[tuple[Array, Array, Array | None, Array, Array | None]],
+    needs_grad: Sequence[bool],
+) -> list[Array | None]:
+    """[∂L/∂A₁, ∂L/∂B₁, ∂L/∂A₂, …] of the branch; adds its part of ∂L/∂X into ``gx``.
+
+    ∂L/∂A = s·(G·B)ᵀ·X̃,  ∂L/∂B = s·Gᵀ·(X̃·Aᵀ),  ∂L/∂X += s·(G·B)·A ⊙ M/(1−p) (in place,
+    when ``gx`` is not None). The base weight is not an argument: it is never read here.
+    """
+    pair_grads: list[Array | None] = []
+    for i, (s, (a, b, xd, u, m)) in enumerate(zip(scales, saved)):
+        need_a, need_b = needs_grad[2 * i], needs_grad[2 * i + 1]
+        gb_ = g @ b if (need_a or gx is not None) else None  # G·B   (N, r)
+        ga = s * (gb_.T @ xd) if need_a else None  # ∂L/∂A = s·(G·B)ᵀ·X̃   (r, in)
+        gbm = s * (g.T @ u) if need_b else None  # ∂L/∂B = s·Gᵀ·(X̃·Aᵀ)   (out, r)
+        if gx is not None:
+            d = (s * gb_) @ a  # s·(G·B)·A   (N, in); s applied to the small (N, r) factor
+            if m is not None:
+                d *= m  # ⊙ M/(1−p)
+            gx += d
+        pair_grads += [ga, gbm]
+    return pair_grads
+
+
 # ------------------------------------------------------------------------------ the Function
 class LoraFunction(Function):
     """H = X·W₀ᵀ + b + Σᵢ sᵢ·(X̃ᵢ·Aᵢᵀ)·Bᵢᵀ and its closed-form backward, in one Function.
@@ -60,6 +130,7 @@ class LoraFunction(Function):
     Inputs: ``x`` (..., in), ``w0`` (out, in) — or (in, out) when ``fan_in_fan_out`` —,
     optionally ``bias`` (out,) when ``has_bias``, then pairs ``A₁, B₁, A₂, B₂, …``.
     ``scales`` holds sᵢ and ``masks`` the dropout multipliers Mᵢ/(1−p) (or None) of each pair.
+    The LoRA branch is ``lora_branch_forward``/``lora_branch_backward``.
     """
 
     def forward(
@@ -77,54 +148,29 @@ class LoraFunction(Function):
         self.lead, k = x.shape[:-1], x.shape[-1]
         xs = x.reshape(-1, k)  # (N, in)
         self.fan_in_fan_out, self.has_bias, self.scales = fan_in_fan_out, has_bias, scales
-        # H = X·W₀ᵀ (Linear, W₀ (out, in)) or X·W₀ (Conv1D, W₀ (in, out))
-        h = xs @ w0 if fan_in_fan_out else xs @ w0.T  # (N, out)
+        h = base_matmul(xs, w0, fan_in_fan_out)  # H = X·W₀ᵀ   (N, out)
         if bias is not None:
             h += bias  # + b (in place: h is a fresh product)
         self.w0 = w0 if self.needs_input_grad[0] else None  # only ∂L/∂X needs W₀
         self.xs = xs if self.needs_input_grad[1] else None  # only ∂L/∂W₀ (full FT) needs X
-        self.saved = []
-        for i, s in enumerate(scales):
-            a, b = pairs[2 * i], pairs[2 * i + 1]
-            m = masks[i]
-            xd = xs if m is None else xs * m.reshape(-1, k)  # X̃ = X ⊙ M/(1−p)   (N, in)
-            u = xd @ a.T  # U = X̃·Aᵀ   (N, r)
-            h += (s * u) @ b.T  # H += s·U·Bᵀ  (s applied to the small (N, r) factor)
-            self.saved.append((a, b, xd, u, None if m is None else m.reshape(-1, k)))
+        self.pair_needs = self.needs_input_grad[(3 if has_bias else 2) :]
+        self.saved = lora_branch_forward(h, xs, pairs, scales, masks, self.pair_needs)
         return h.reshape(*self.lead, h.shape[-1])  # (..., out)
 
     def backward(self, grad: Array) -> tuple[Array | None, ...]:
         g = grad.reshape(-1, grad.shape[-1])  # G (N, out)
-        k = self.saved[0][0].shape[1] if self.saved else None
         gx = gw0 = gbias = None
         if self.needs_input_grad[0]:
-            # ∂L/∂X = G·W₀ (+ Σ sᵢ·(G·Bᵢ)·Aᵢ below)
-            gx = g @ self.w0.T if self.fan_in_fan_out else g @ self.w0  # (N, in)
-            k = gx.shape[1]
+            # ∂L/∂X = G·W₀ (+ Σ sᵢ·(G·Bᵢ)·Aᵢ in the branch)
+            gx = base_grad_x(g, self.w0, self.fan_in_fan_out)  # (N, in)
         if self.needs_input_grad[1]:
             # ∂L/∂W₀ = Gᵀ·X — only when W₀ is NOT frozen (full fine-tuning); LoRA never gets here
             gw0 = self.xs.T @ g if self.fan_in_fan_out else g.T @ self.xs
         if self.has_bias and self.needs_input_grad[2]:
             gbias = g.sum(axis=0)  # ∂L/∂b = Σₙ Gₙ
-        off = 3 if self.has_bias else 2
-        pair_grads: list[Array | None] = []
-        for i, (s, (a, b, xd, u, m)) in enumerate(zip(self.scales, self.saved)):
-            need_a = self.needs_input_grad[off + 2 * i]
-            need_b = self.needs_input_grad[off + 2 * i + 1]
-            gb_ = g @ b if (need_a or gx is not None) else None  # G·B   (N, r)
-            # ∂L/∂A = s·(G·B)ᵀ·X̃      (r, in)
-            ga = s * (gb_.T @ xd) if need_a else None
-            # ∂L/∂B = s·Gᵀ·(X̃·Aᵀ)     (out, r)
-            gbm = s * (g.T @ u) if need_b else None
-            if gx is not None:
-                # ∂L/∂X += s·(G·B)·A ⊙ M/(1−p)
-                d = (s * gb_) @ a  # (N, in); s applied to the small (N, r) factor
-                if m is not None:
-                    d *= m
-                gx += d
-            pair_grads += [ga, gbm]
+        pair_grads = lora_branch_backward(g, gx, self.scales, self.saved, self.pair_needs)
         if gx is not None:
-            gx = gx.reshape(*self.lead, k)  # (..., in)
+            gx = gx.reshape(*self.lead, gx.shape[-1])  # (..., in)
         head: list[Array | None] = [gx, gw0] + ([gbias] if self.has_bias else [])
         return tuple(head + pair_grads)
 

@@ -34,7 +34,13 @@ from .. import backend
 from ..autograd.tensor import Function, Tensor
 from ..backend import Array
 from ..nn.module import Module, Parameter
-from ..peft.lora import check_adapters
+from ..peft.lora import (
+    base_grad_x,
+    base_matmul,
+    check_adapters,
+    lora_branch_backward,
+    lora_branch_forward,
+)
 from .blockwise import QuantState, dequantize_4bit, quantize_4bit
 
 __all__ = [
@@ -146,7 +152,9 @@ class Linear4bitFunction(Function):
     Inputs: ``x`` (..., in), optionally ``bias`` (out,) when ``has_bias``, then pairs
     ``A₁, B₁, A₂, B₂, …``. The 4-bit weight comes as the parameter ``weight`` (a
     ``Weight4bit``), not as an input: it has no gradient. ``fan_in_fan_out``: Ŵ is stored
-    (in, out) (Conv1D) and H = X·Ŵ.
+    (in, out) (Conv1D) and H = X·Ŵ. The LoRA branch is the one ``LoraFunction`` runs
+    (``minipeft.peft.lora.lora_branch_forward``/``lora_branch_backward``): only the base
+    weight differs — Ŵ, dequantized in forward and again in backward, never kept between.
     """
 
     def forward(
@@ -165,25 +173,14 @@ class Linear4bitFunction(Function):
         xs = x.reshape(-1, k)  # (N, in)
         self.fan_in_fan_out, self.has_bias, self.scales = fan_in_fan_out, has_bias, scales
         w_hat = weight.dequantize(x.dtype)  # Ŵ, transient: dropped when forward returns
-        # H = X·Ŵᵀ (Linear, Ŵ (out, in)) or X·Ŵ (Conv1D, Ŵ (in, out))
-        h = xs @ w_hat if fan_in_fan_out else xs @ w_hat.T  # (N, out)
+        h = base_matmul(xs, w_hat, fan_in_fan_out)  # H = X·Ŵᵀ   (N, out)
         del w_hat
         if bias is not None:
             h += bias  # + b
         # backward re-dequantizes for ∂L/∂X: keep a reference to the module's codes only
         self.weight = weight if self.needs_input_grad[0] else None
-        self.saved = []
-        for i, s in enumerate(scales):
-            a, b = pairs[2 * i], pairs[2 * i + 1]
-            m = masks[i]
-            xd = xs if m is None else xs * m.reshape(-1, k)  # X̃ = X ⊙ M/(1−p)   (N, in)
-            u = xd @ a.T  # U = X̃·Aᵀ   (N, r)
-            h += (s * u) @ b.T  # H += s·U·Bᵀ
-            need = self.needs_input_grad[(2 if has_bias else 1) + 2 * i]
-            # ∂L/∂A needs X̃; ∂L/∂B needs U; ∂L/∂X needs A, B (and M)
-            self.saved.append(
-                (a, b, xd if need else None, u, None if m is None else m.reshape(-1, k))
-            )
+        self.pair_needs = self.needs_input_grad[(2 if has_bias else 1) :]
+        self.saved = lora_branch_forward(h, xs, pairs, scales, masks, self.pair_needs)
         return h.reshape(*self.lead, h.shape[-1])  # (..., out)
 
     def backward(self, grad: Array) -> tuple[Array | None, ...]:
@@ -191,25 +188,12 @@ class Linear4bitFunction(Function):
         gx = gbias = None
         if self.needs_input_grad[0]:
             w_hat = self.weight.dequantize(g.dtype)  # Ŵ again, from the 4-bit codes
-            # ∂L/∂X = G·Ŵ (Linear) or G·Ŵᵀ (Conv1D)   (+ Σ sᵢ·(G·Bᵢ)·Aᵢ below)
-            gx = g @ w_hat.T if self.fan_in_fan_out else g @ w_hat  # (N, in)
+            # ∂L/∂X = G·Ŵ (+ Σ sᵢ·(G·Bᵢ)·Aᵢ in the branch)
+            gx = base_grad_x(g, w_hat, self.fan_in_fan_out)  # (N, in)
             del w_hat
         if self.has_bias and self.needs_input_grad[1]:
             gbias = g.sum(axis=0)  # ∂L/∂b = Σₙ Gₙ
-        off = 2 if self.has_bias else 1
-        pair_grads: list[Array | None] = []
-        for i, (s, (a, b, xd, u, m)) in enumerate(zip(self.scales, self.saved)):
-            need_a = self.needs_input_grad[off + 2 * i]
-            need_b = self.needs_input_grad[off + 2 * i + 1]
-            gb_ = g @ b if (need_a or gx is not None) else None  # G·B   (N, r)
-            ga = s * (gb_.T @ xd) if need_a else None  # ∂L/∂A = s·(G·B)ᵀ·X̃   (r, in)
-            gbm = s * (g.T @ u) if need_b else None  # ∂L/∂B = s·Gᵀ·(X̃·Aᵀ)   (out, r)
-            if gx is not None:
-                d = (s * gb_) @ a  # s·(G·B)·A   (N, in)
-                if m is not None:
-                    d *= m  # ⊙ M/(1−p)
-                gx += d
-            pair_grads += [ga, gbm]
+        pair_grads = lora_branch_backward(g, gx, self.scales, self.saved, self.pair_needs)
         if gx is not None:
             gx = gx.reshape(*self.lead, gx.shape[-1])  # (..., in)
         head: list[Array | None] = [gx] + ([gbias] if self.has_bias else [])
