@@ -41,7 +41,7 @@ from . import backend
 from .autograd import ops
 from .autograd.tensor import Tensor, data_of, no_grad
 from .io import atomic_write
-from .nn.layers import Embedding, LayerNorm, Linear
+from .nn.layers import Embedding, LayerNorm, Linear, check_positive_int
 from .nn.module import Module, ModuleList
 from .optim import AdamW
 
@@ -81,9 +81,7 @@ class DiffusionConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_classes", "hidden", "mlp_hidden", "n_blocks", "time_dim", "T"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+            check_positive_int(name, getattr(self, name))
         if not isinstance(self.num_reserved, int) or self.num_reserved < 0:
             raise ValueError(f"num_reserved: expected an integer ≥ 0, got {self.num_reserved!r}")
         if self.time_dim % 2:
@@ -101,9 +99,7 @@ class NoiseSchedule:
     """βₜ, αₜ = 1 − βₜ, ᾱₜ = ∏ α_s (float64), and the closed forms built on them."""
 
     def __init__(self, T: int = 100, kind: str = "cosine") -> None:
-        if not isinstance(T, int | np.integer) or T <= 0:
-            raise ValueError(f"T: expected a positive integer, got {T!r}")
-        self.T = int(T)
+        self.T = check_positive_int("T", T)
         if kind == "linear":
             # Ho et al.: β from 1e-4 to 0.02 over 1000 steps; rescaled by 1000/T for fewer steps
             scale = 1000.0 / self.T

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io import check_file_target, save_npy_atomic
+from ..nn.layers import check_positive_int
 from . import argument
 
 
@@ -78,18 +79,14 @@ def check_texts(texts: list[str]) -> list[str]:
     return texts
 
 
-def _positive(name: str, value: int | None) -> None:
-    if value is not None and value < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {value}")
-
-
 def main(args: argparse.Namespace) -> int:
     with argument("TEXT"):
         texts = check_texts(list(args.texts))
     with argument("--batch-size"):
-        _positive("--batch-size", args.batch_size)
+        check_positive_int("--batch-size", args.batch_size)
     with argument("--max-length"):
-        _positive("--max-length", args.max_length)
+        if args.max_length is not None:
+            check_positive_int("--max-length", args.max_length)
     with argument("--out"):  # before any computing
         check_file_target(args.out, "--out")
     with argument("--model"):

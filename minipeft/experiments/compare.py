@@ -66,6 +66,7 @@ from .. import backend
 from ..autograd.tensor import Tensor, no_grad
 from ..data import LexiconTask, general_sentences, sentiment_lexicon_task
 from ..io import atomic_write, atomic_write_text
+from ..nn.layers import check_positive_int
 from ..nn.module import Module
 from ..train import (
     SentenceClassifier,
@@ -450,12 +451,6 @@ def _by_length(split: LexiconTask, tokenizer: Any) -> LexiconTask:
     return LexiconTask(texts, np.asarray(split.labels)[order], np.asarray(split.ratings)[order])
 
 
-def _positive(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-    return int(value)
-
-
 def run_comparison(
     methods: Sequence[str] | None = None,
     steps: int = 150,
@@ -489,18 +484,19 @@ def run_comparison(
     unknown = [m for m in names if m not in METHODS]
     if unknown or len(set(names)) != len(names):
         raise ValueError(f"methods: expected distinct names from {sorted(METHODS)}, got {names}")
-    steps = _positive("steps", steps)
-    sweep_steps = _positive("sweep_steps", sweep_steps)
+    steps = check_positive_int("steps", steps)
+    sweep_steps = check_positive_int("sweep_steps", sweep_steps)
     if sweep_steps > steps:
         raise ValueError(f"sweep_steps: expected ≤ steps = {steps}, got {sweep_steps}")
-    eval_every = sweep_steps if eval_every is None else _positive("eval_every", eval_every)
+    eval_every = sweep_steps if eval_every is None else check_positive_int("eval_every", eval_every)
     if "linear_probe" in names:
         names.remove("linear_probe")
         names.insert(0, "linear_probe")
     splits = sentiment_lexicon_task()
     for key, n in (("train", subset), ("validation", eval_subset), ("test", eval_subset)):
         if n is not None:
-            if _positive("subset" if key == "train" else "eval_subset", n) > len(splits[key]):
+            field = "subset" if key == "train" else "eval_subset"
+            if check_positive_int(field, n) > len(splits[key]):
                 raise ValueError(f"subset: {key} has only {len(splits[key])} examples, asked {n}")
             splits[key] = splits[key].subset(n)
     base, tokenizer = load_minilm(model_dir)

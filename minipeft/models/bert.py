@@ -51,7 +51,7 @@ from .. import backend
 from ..autograd import ops
 from ..autograd.tensor import Function, Tensor, data_of, no_grad
 from ..nn.attention import merge_heads, scaled_dot_product_attention, split_heads
-from ..nn.layers import Dropout, Embedding, LayerNorm, Linear
+from ..nn.layers import Dropout, Embedding, LayerNorm, Linear, check_positive_int
 from ..nn.module import Module, ModuleList
 from . import io
 
@@ -136,11 +136,6 @@ _ACCEPTED_VALUES: dict[str, tuple[Any, ...]] = {
 _ACTIVATIONS = {"gelu": gelu_erf}
 
 
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-
-
 @dataclasses.dataclass
 class BertConfig:
     """BERT hyper-parameters; names and defaults as HF ``BertConfig`` (BERT-base).
@@ -170,7 +165,7 @@ class BertConfig:
         sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                  "intermediate_size", "max_position_embeddings", "type_vocab_size")  # fmt: skip
         for name in sizes:
-            _positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size: must be divisible by num_attention_heads="
@@ -600,7 +595,7 @@ class BertTokenizer:
     """
 
     def __init__(self, tokenizer: Any, max_length: int, pad_token: str = "[PAD]") -> None:
-        _positive_int("max_length", max_length)
+        check_positive_int("max_length", max_length)
         self.max_length = int(max_length)
         self._tok = tokenizer
         pad_id = tokenizer.token_to_id(pad_token)
@@ -717,7 +712,7 @@ def embed_texts(
     model: BertModel, tokenizer: BertTokenizer, texts: Sequence[str], batch_size: int = 32
 ) -> np.ndarray:
     """Sentence embeddings (n, C): mean pooling over the attention mask, L2-normalized."""
-    _positive_int("batch_size", batch_size)
+    check_positive_int("batch_size", batch_size)
     if isinstance(texts, str) or len(texts) == 0:
         raise ValueError(f"texts: expected a non-empty list of strings, got {texts!r}")
     if tokenizer.vocab_size > model.config.vocab_size:

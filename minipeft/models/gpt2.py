@@ -53,7 +53,7 @@ from ..autograd import ops
 from ..autograd.tensor import Tensor
 from ..nn.attention import scaled_dot_product_attention
 from ..nn.conv1d import Conv1D
-from ..nn.layers import Dropout, Embedding, LayerNorm
+from ..nn.layers import Dropout, Embedding, LayerNorm, check_positive_int
 from ..nn.module import Module, ModuleList, Parameter
 from . import io
 
@@ -103,11 +103,6 @@ _ACCEPTED_VALUES: dict[str, tuple[Any, ...]] = {
 }
 
 
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-
-
 def _probability(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name}: expected a probability in [0, 1), got {value!r}")
@@ -148,9 +143,9 @@ class GPT2Config:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-            _positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if self.n_inner is not None:
-            _positive_int("n_inner", self.n_inner)
+            check_positive_int("n_inner", self.n_inner)
         if self.n_embd % self.n_head:
             raise ValueError(
                 f"n_embd: must be divisible by n_head={self.n_head}, got n_embd={self.n_embd}"

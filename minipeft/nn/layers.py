@@ -21,8 +21,13 @@ def kaiming_uniform(shape: tuple[int, ...], fan_in: int, a: float = math.sqrt(5)
     return backend.rng().uniform(-bound, bound, size=shape).astype(backend.default_dtype())
 
 
-def _check_positive(name: str, value: Any) -> int:
-    if not isinstance(value, int | np.integer) or value <= 0:
+def check_positive_int(name: str, value: Any) -> int:
+    """``value`` as an int ≥ 1, else ValueError ``NAME: expected a positive integer, got …``.
+
+    The one positive-integer check of layers, model configs, the diffusion model and the
+    experiments; bool is refused (``True`` is not a width) and NumPy integers accepted.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
         raise ValueError(f"{name}: expected a positive integer, got {value!r}")
     return int(value)
 
@@ -32,8 +37,8 @@ class Linear(Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__()
-        self.in_features = _check_positive("in_features", in_features)
-        self.out_features = _check_positive("out_features", out_features)
+        self.in_features = check_positive_int("in_features", in_features)
+        self.out_features = check_positive_int("out_features", out_features)
         self.weight = Parameter(kaiming_uniform((out_features, in_features), in_features))
         if bias:
             bound = 1.0 / math.sqrt(in_features)
@@ -60,8 +65,8 @@ class Embedding(Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, std: float = 1.0) -> None:
         super().__init__()
-        self.num_embeddings = _check_positive("num_embeddings", num_embeddings)
-        self.embedding_dim = _check_positive("embedding_dim", embedding_dim)
+        self.num_embeddings = check_positive_int("num_embeddings", num_embeddings)
+        self.embedding_dim = check_positive_int("embedding_dim", embedding_dim)
         w = backend.rng().standard_normal((num_embeddings, embedding_dim)) * std
         self.weight = Parameter(w.astype(backend.default_dtype()))
 
@@ -77,7 +82,7 @@ class LayerNorm(Module):
 
     def __init__(self, normalized_shape: int, eps: float = 1e-5) -> None:
         super().__init__()
-        self.normalized_shape = _check_positive("normalized_shape", normalized_shape)
+        self.normalized_shape = check_positive_int("normalized_shape", normalized_shape)
         self.eps = float(eps)
         dt = backend.default_dtype()
         self.weight = Parameter(np.ones(normalized_shape, dtype=dt))
