@@ -19,12 +19,11 @@ Images: sklearn's 8×8 digits (1,797 real scans, values 0…16) scaled to x = v/
 Tokens: ids 0…9 are the digit classes; ``num_reserved`` more rows of the token table are never
 trained by ``pretrain`` — a new identifier (DreamBooth's rare token) takes one of them.
 
-Run ``python -m minipeft.diffusion pretrain --out FILE`` to train and save a base model.
+Run ``python -m minipeft pretrain-diffusion --out FILE`` to train and save a base model.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -528,23 +527,16 @@ def load_denoiser(path: str | os.PathLike) -> tuple[Denoiser, NoiseSchedule]:
 
 # ------------------------------------------------------------------------------ command line
 def _main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m minipeft.diffusion")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    pre = sub.add_parser("pretrain", help="train the base digits DDPM and save it (safetensors)")
-    pre.add_argument("--out", required=True, help="output .safetensors file")
-    pre.add_argument("--steps", type=int, default=PretrainConfig.steps)
-    pre.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    cfg = DiffusionConfig()
-    tr = PretrainConfig(steps=args.steps, seed=args.seed)
-    model, _, losses = pretrain(cfg, tr, log_every=max(1, args.steps // 10))
-    save_denoiser(
-        args.out,
-        model,
-        extra={"pretrain": asdict(tr), "final_loss_mean_100": float(np.mean(losses[-100:]))},
-    )
-    print(f"wrote {args.out}")
-    return 0
+    """``python -m minipeft.diffusion pretrain …``: the older spelling of
+    ``python -m minipeft pretrain-diffusion …`` (``minipeft.cli.pretrain_diffusion``)."""
+    import sys
+
+    from .__main__ import main
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["pretrain"]:
+        args = args[1:]
+    return main(["pretrain-diffusion", *args])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,8 +1,9 @@
 """Experiments that measure minipeft's methods on a real pretrained model and real data.
 
 ``compare``: fine-tuning methods on all-MiniLM-L6-v2 and the VADER lexicon task
-(``python -m minipeft.experiments.compare --full --out results/``). Imported lazily, so
-that ``python -m minipeft.experiments.compare`` runs the module once.
+(``python -m minipeft compare --full --out results/``, command ``minipeft.cli.compare``;
+``python -m minipeft.experiments.compare`` is the older spelling). Imported lazily, so that
+``python -m minipeft.experiments.compare`` runs the module once.
 """
 
 import importlib

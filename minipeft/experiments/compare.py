@@ -1,7 +1,9 @@
 """Fine-tuning methods compared on the real all-MiniLM-L6-v2 and a real task (issue 7).
 
-    python -m minipeft.experiments.compare --full --out results/     # the committed table
-    python -m minipeft.experiments.compare --out /tmp/cmp            # reduced (CI) mode
+    python -m minipeft compare --full --out results/     # the committed table
+    python -m minipeft compare --out /tmp/cmp            # reduced (CI) mode
+
+(``python -m minipeft.experiments.compare …`` still works: the same command.)
 
 Protocol (every number in the table comes from it):
 
@@ -48,7 +50,6 @@ real one), so it gets 5 tokens (1,920), which already doubles the cost of a step
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -724,47 +725,10 @@ def write_results(results: Mapping[str, Any], out: str | Path) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m minipeft.experiments.compare",
-        description="Compare fine-tuning methods on all-MiniLM-L6-v2 (VADER lexicon task).",
-    )
-    p.add_argument("--full", action="store_true", help=f"the full comparison {FULL}")
-    p.add_argument("--steps", type=int, help="training steps per method")
-    p.add_argument("--sweep-steps", type=int, help="steps of each learning-rate trial")
-    p.add_argument("--eval-every", type=int, help="validation accuracy every this many steps")
-    p.add_argument("--subset", type=int, help="training examples (default: reduced 256)")
-    p.add_argument("--eval-subset", type=int, help="validation/test examples")
-    p.add_argument("--methods", nargs="+", choices=sorted(METHODS), help="default: FULL's")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="directory for the results files")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument(
-        "--render", metavar="JSON", help="only re-render .md/.png from a results JSON file"
-    )
-    a = p.parse_args(argv)
-    if a.render:
-        results = json.loads(Path(a.render).read_text(encoding="utf-8"))
-        for f in write_results(results, a.out):
-            print(f)
-        return 0
-    cfg = dict(FULL if a.full else REDUCED)
-    for key in ("methods", "steps", "sweep_steps", "eval_every", "subset", "eval_subset"):
-        if getattr(a, key) is not None:
-            cfg[key] = getattr(a, key)
-    try:
-        results = run_comparison(
-            cfg["methods"], cfg["steps"], cfg["subset"], a.seed, sweep_steps=cfg["sweep_steps"],
-            eval_every=cfg["eval_every"], eval_subset=cfg["eval_subset"],
-            n_general=cfg["n_general"],
-            progress=not a.no_progress,
-        )  # fmt: skip
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for f in write_results(results, a.out):
-        print(f)
-    print(format_table(results))
-    return 0
+    """The older spelling of ``python -m minipeft compare …`` (``minipeft.cli.compare``)."""
+    from ..__main__ import main as cli_main
+
+    return cli_main(["compare", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
