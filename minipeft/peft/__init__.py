@@ -15,6 +15,7 @@ from .lora import (
     pissa_init,
 )
 from .prompts import PrefixTuning, PromptedModel, PromptTuning, PTuningV2
+from .qlora import Linear4bit, quantize_model
 from .vera import VeraLayer, vera_linear
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "BottleneckAdapter",
     "IA3Config",
     "IA3Layer",
+    "Linear4bit",
     "LoraConfig",
     "LoraLayer",
     "PTuningV2",
@@ -48,5 +50,6 @@ __all__ = [
     "loraplus_param_groups",
     "olora_init",
     "pissa_init",
+    "quantize_model",
     "vera_linear",
 ]  # fmt: skip

@@ -149,7 +149,7 @@ def loftq_model(
     """
     from ..peft import LoraConfig, get_peft_model, lora_scaling
     from ..peft.config import target_matches
-    from .qlora import Linear4bit
+    from ..peft.qlora import Linear4bit
 
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config: expected a LoraConfig, got {type(config).__name__}")

@@ -13,9 +13,10 @@ import numpy as np
 
 from ...autograd.gradcheck import gradcheck
 from ...autograd.tensor import Tensor
+from ...peft.qlora import linear4bit
 from ...quant.blockwise import quantize_4bit
 from ...quant.loftq import loftq_init, lowrank_svd
-from ...quant.qlora import Weight4bit, linear4bit
+from ...quant.qlora import Weight4bit
 from .. import Outcome, equation
 
 # QLoRA (Dettmers et al., 2023), Appendix E: the NF4 values as printed there.
