@@ -123,8 +123,49 @@ def lora_branch_backward(
     return pair_grads
 
 
+class FusedLoraFunction(Function):
+    """What every fused LoRA Function shares: H = X·Wᵀ + b + the branch, and ∂L/∂X, ∂L/∂Aᵢ, ∂L/∂Bᵢ.
+
+    A subclass only says where the float base weight W comes from (``LoraFunction``: the
+    input W₀; ``minipeft.peft.qlora.Linear4bitFunction``: Ŵ dequantized from 4 bits) and
+    adds the gradients of its own head inputs (W₀, b). Its inputs end with the pairs
+    ``A₁, B₁, A₂, B₂, …``.
+    """
+
+    def lora_forward(
+        self,
+        x: Array,
+        w: Array,
+        bias: Array | None,
+        pairs: Sequence[Array],
+        scales: Sequence[float],
+        masks: Sequence[Array | None],
+        fan_in_fan_out: bool,
+    ) -> Array:
+        """H = X·Wᵀ + b + Σᵢ sᵢ·(X̃ᵢ·Aᵢᵀ)·Bᵢᵀ, (..., out); keeps X (N, in) as ``self.xs``."""
+        self.lead, k = x.shape[:-1], x.shape[-1]
+        xs = x.reshape(-1, k)  # (N, in)
+        self.fan_in_fan_out, self.has_bias, self.scales = fan_in_fan_out, bias is not None, scales
+        h = base_matmul(xs, w, fan_in_fan_out)  # H = X·Wᵀ   (N, out)
+        if bias is not None:
+            h += bias  # + b (in place: h is a fresh product)
+        self.pair_needs = self.needs_input_grad[len(self.needs_input_grad) - len(pairs) :]
+        self.saved = lora_branch_forward(h, xs, pairs, scales, masks, self.pair_needs)
+        self.xs = xs  # a subclass keeps it only if it needs it (drop it before returning)
+        return h.reshape(*self.lead, h.shape[-1])  # (..., out)
+
+    def lora_backward(self, g: Array, w: Array | None) -> tuple[Array | None, list[Array | None]]:
+        """(∂L/∂X (..., in) or None when ``w`` is None, [∂L/∂A₁, ∂L/∂B₁, …]); G is (N, out)."""
+        # ∂L/∂X = G·W (+ Σ sᵢ·(G·Bᵢ)·Aᵢ in the branch)
+        gx = None if w is None else base_grad_x(g, w, self.fan_in_fan_out)  # (N, in)
+        pair_grads = lora_branch_backward(g, gx, self.scales, self.saved, self.pair_needs)
+        if gx is not None:
+            gx = gx.reshape(*self.lead, gx.shape[-1])  # (..., in)
+        return gx, pair_grads
+
+
 # ------------------------------------------------------------------------------ the Function
-class LoraFunction(Function):
+class LoraFunction(FusedLoraFunction):
     """H = X·W₀ᵀ + b + Σᵢ sᵢ·(X̃ᵢ·Aᵢᵀ)·Bᵢᵀ and its closed-form backward, in one Function.
 
     Inputs: ``x`` (..., in), ``w0`` (out, in) — or (in, out) when ``fan_in_fan_out`` —,
@@ -145,32 +186,21 @@ class LoraFunction(Function):
     ) -> Array:
         bias = rest[0] if has_bias else None
         pairs = rest[1:] if has_bias else rest
-        self.lead, k = x.shape[:-1], x.shape[-1]
-        xs = x.reshape(-1, k)  # (N, in)
-        self.fan_in_fan_out, self.has_bias, self.scales = fan_in_fan_out, has_bias, scales
-        h = base_matmul(xs, w0, fan_in_fan_out)  # H = X·W₀ᵀ   (N, out)
-        if bias is not None:
-            h += bias  # + b (in place: h is a fresh product)
+        h = self.lora_forward(x, w0, bias, pairs, scales, masks, fan_in_fan_out)
         self.w0 = w0 if self.needs_input_grad[0] else None  # only ∂L/∂X needs W₀
-        self.xs = xs if self.needs_input_grad[1] else None  # only ∂L/∂W₀ (full FT) needs X
-        self.pair_needs = self.needs_input_grad[(3 if has_bias else 2) :]
-        self.saved = lora_branch_forward(h, xs, pairs, scales, masks, self.pair_needs)
-        return h.reshape(*self.lead, h.shape[-1])  # (..., out)
+        if not self.needs_input_grad[1]:
+            self.xs = None  # only ∂L/∂W₀ (full fine-tuning) needs X
+        return h
 
     def backward(self, grad: Array) -> tuple[Array | None, ...]:
         g = grad.reshape(-1, grad.shape[-1])  # G (N, out)
-        gx = gw0 = gbias = None
-        if self.needs_input_grad[0]:
-            # ∂L/∂X = G·W₀ (+ Σ sᵢ·(G·Bᵢ)·Aᵢ in the branch)
-            gx = base_grad_x(g, self.w0, self.fan_in_fan_out)  # (N, in)
+        gw0 = gbias = None
         if self.needs_input_grad[1]:
             # ∂L/∂W₀ = Gᵀ·X — only when W₀ is NOT frozen (full fine-tuning); LoRA never gets here
             gw0 = self.xs.T @ g if self.fan_in_fan_out else g.T @ self.xs
         if self.has_bias and self.needs_input_grad[2]:
             gbias = g.sum(axis=0)  # ∂L/∂b = Σₙ Gₙ
-        pair_grads = lora_branch_backward(g, gx, self.scales, self.saved, self.pair_needs)
-        if gx is not None:
-            gx = gx.reshape(*self.lead, gx.shape[-1])  # (..., in)
+        gx, pair_grads = self.lora_backward(g, self.w0)  # W₀ is None unless X needs ∂L/∂X
         head: list[Array | None] = [gx, gw0] + ([gbias] if self.has_bias else [])
         return tuple(head + pair_grads)
 

@@ -36,19 +36,13 @@ from typing import Any
 import numpy as np
 
 from .. import backend
-from ..autograd.tensor import Function, Tensor
+from ..autograd.tensor import Tensor
 from ..backend import Array
 from ..nn.module import Module, Parameter
 from ..quant.blockwise import QuantState, quantize_4bit
 from ..quant.qlora import Weight4bit
 from .config import target_matches
-from .lora import (
-    base_grad_x,
-    base_matmul,
-    check_adapters,
-    lora_branch_backward,
-    lora_branch_forward,
-)
+from .lora import FusedLoraFunction, check_adapters
 
 __all__ = [
     "Linear4bit",
@@ -59,7 +53,7 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------ the Function
-class Linear4bitFunction(Function):
+class Linear4bitFunction(FusedLoraFunction):
     """H = X·Ŵᵀ + b + Σᵢ sᵢ·(X̃ᵢ·Aᵢᵀ)·Bᵢᵀ with Ŵ = dequant(4-bit), and its closed-form backward.
 
     Inputs: ``x`` (..., in), optionally ``bias`` (out,) when ``has_bias``, then pairs
@@ -82,33 +76,23 @@ class Linear4bitFunction(Function):
     ) -> Array:
         bias = rest[0] if has_bias else None
         pairs = rest[1:] if has_bias else rest
-        self.lead, k = x.shape[:-1], x.shape[-1]
-        xs = x.reshape(-1, k)  # (N, in)
-        self.fan_in_fan_out, self.has_bias, self.scales = fan_in_fan_out, has_bias, scales
-        w_hat = weight.dequantize(x.dtype)  # Ŵ, transient: dropped when forward returns
-        h = base_matmul(xs, w_hat, fan_in_fan_out)  # H = X·Ŵᵀ   (N, out)
-        del w_hat
-        if bias is not None:
-            h += bias  # + b
+        # Ŵ, transient: the base GEMM's operand, dropped when forward returns
+        h = self.lora_forward(
+            x, weight.dequantize(x.dtype), bias, pairs, scales, masks, fan_in_fan_out
+        )
+        self.xs = None  # no ∂L/∂W: the 4-bit codes are not a parameter
         # backward re-dequantizes for ∂L/∂X: keep a reference to the module's codes only
         self.weight = weight if self.needs_input_grad[0] else None
-        self.pair_needs = self.needs_input_grad[(2 if has_bias else 1) :]
-        self.saved = lora_branch_forward(h, xs, pairs, scales, masks, self.pair_needs)
-        return h.reshape(*self.lead, h.shape[-1])  # (..., out)
+        return h
 
     def backward(self, grad: Array) -> tuple[Array | None, ...]:
         g = grad.reshape(-1, grad.shape[-1])  # G (N, out)
-        gx = gbias = None
-        if self.needs_input_grad[0]:
-            w_hat = self.weight.dequantize(g.dtype)  # Ŵ again, from the 4-bit codes
-            # ∂L/∂X = G·Ŵ (+ Σ sᵢ·(G·Bᵢ)·Aᵢ in the branch)
-            gx = base_grad_x(g, w_hat, self.fan_in_fan_out)  # (N, in)
-            del w_hat
+        gbias = None
         if self.has_bias and self.needs_input_grad[1]:
             gbias = g.sum(axis=0)  # ∂L/∂b = Σₙ Gₙ
-        pair_grads = lora_branch_backward(g, gx, self.scales, self.saved, self.pair_needs)
-        if gx is not None:
-            gx = gx.reshape(*self.lead, gx.shape[-1])  # (..., in)
+        # Ŵ again, from the 4-bit codes, only when ∂L/∂X = G·Ŵ + … is needed
+        w_hat = self.weight.dequantize(g.dtype) if self.needs_input_grad[0] else None
+        gx, pair_grads = self.lora_backward(g, w_hat)
         head: list[Array | None] = [gx] + ([gbias] if self.has_bias else [])
         return tuple(head + pair_grads)
 
