@@ -20,8 +20,9 @@ nbformat = pytest.importorskip("nbformat", reason="nbformat (dev extra, via nbma
 nbclient = pytest.importorskip("nbclient", reason="nbclient (dev extra, via nbmake) runs notebooks")
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-#: the notebooks CI runs on the stand-in device (the issue asks for at least 00, 01 and 02)
-ON_DEVICE = ["00_autograd", "01_attention", "02_lora", "03_lora_family", "08_dreambooth"]
+#: the notebooks CI runs on the stand-in device (the issue asks for at least 00, 01 and 02);
+#: 05 and 08 pass there too but take minutes (emulated 4-bit kernels, diffusion training)
+ON_DEVICE = ["00_autograd", "01_attention", "02_lora", "03_lora_family"]
 
 CHECK = """
 import cupy, minipeft
