@@ -47,7 +47,6 @@ __all__ = [
     "default_dtype",
     "dtype_policy",
     "get_backend",
-    "input_array",
     "like",
     "placement",
     "rng",
@@ -188,14 +187,6 @@ def like(a: Any, ref: Any) -> Any:
     if array_api_compat.is_cupy_array(ref):
         return to_device(a, "cupy")
     return to_device(a, "numpy") if array_api_compat.is_cupy_array(a) else np.asarray(a)
-
-
-def input_array(a: Any) -> Any:
-    """A model input (ids, labels, masks) as an array where it was given: a device array
-    as is, anything else (lists, NumPy arrays) as a NumPy array. Models validate it there
-    and then move it once with ``like`` — no device → host round trip for host inputs."""
-    a = a.data if hasattr(a, "requires_grad") and hasattr(a, "_ctx") else a  # a Tensor
-    return a if array_api_compat.is_cupy_array(a) else np.asarray(a)
 
 
 def scatter_add(target: Any, index: Any, values: Any) -> None:

@@ -38,7 +38,7 @@ import numpy as np
 
 from . import backend
 from .autograd import ops
-from .autograd.tensor import Tensor, data_of, no_grad
+from .autograd.tensor import Tensor, data_of, input_array, no_grad
 from .io import atomic_write
 from .nn.layers import Embedding, LayerNorm, Linear, check_positive_int
 from .nn.module import Module, ModuleList
@@ -265,7 +265,7 @@ class Denoiser(Module):
         # inputs given on the host are moved once to where the model lives
         ref = self.token_emb.weight.data  # (in_proj may be wrapped by an adapter)
         if not isinstance(xt, Tensor):
-            xt = Tensor(backend.like(backend.input_array(xt), ref))
+            xt = Tensor(backend.like(input_array(xt), ref))
         elif not xt.requires_grad and xt.placement() != backend.placement(ref):
             xt = Tensor(backend.like(xt.data, ref))
         if xt.ndim != 2 or xt.shape[1] != IMAGE_PIXELS:

@@ -89,12 +89,8 @@ BACKENDS = ["numpy", "standin", *(["cupy"] if real_cupy_device() else [])]
 def on_backend(name: str) -> Iterator[ModuleType]:
     """Run the block on ``name`` (numpy, standin or cupy); yields the array module."""
     if name == "numpy":
-        old = backend.get_backend()
-        backend.set_backend("numpy")
-        try:
+        with backend.using("numpy"):
             yield np
-        finally:
-            backend.set_backend(old)
         return
     saved = {k: sys.modules.get(k) for k in ("cupy", "cupyx")}
     if name == "standin":

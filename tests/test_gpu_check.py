@@ -1,15 +1,16 @@
 """``python -m minipeft gpu-check``: one line and status 2 without a device; on the strict
-CuPy stand-in (``--standin``) the whole command runs — kernels through the CPU emulation of
-the CUDA built-ins — and writes its report (timings there mean nothing)."""
+CuPy stand-in (``PYTHONPATH=tests/standin``) the whole command runs — kernels through the
+CPU emulation of the CUDA built-ins — and writes its report (timings there mean nothing)."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
-from device import real_cupy_device
+from device import STANDIN_DIR, real_cupy_device
 
 
 @pytest.mark.skipif(real_cupy_device(), reason="this machine has a GPU: gpu-check would run")
@@ -28,8 +29,9 @@ def test_without_a_device_it_says_why_in_one_line_and_exits_2(tmp_path):
 
 @pytest.mark.slow
 def test_the_command_runs_end_to_end_on_the_standin(tmp_path):
-    cmd = [sys.executable, "-m", "minipeft", "gpu-check", "--standin", "--out", str(tmp_path)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "-m", "minipeft", "gpu-check", "--out", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(STANDIN_DIR)}  # `import cupy` finds the stand-in
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     report = json.loads((tmp_path / "gpu-check.json").read_text())
     assert report["standin"] is True

@@ -38,6 +38,7 @@ __all__ = [
     "Tensor",
     "as_tensor",
     "data_of",
+    "input_array",
     "is_grad_enabled",
     "no_grad",
     "tensor",
@@ -365,6 +366,15 @@ def data_of(x: Any) -> Any:
     ``getattr(x, "data", x)``: a CuPy array has a ``data`` attribute of its own (its
     memory pointer)."""
     return x.data if isinstance(x, Tensor) else x
+
+
+def input_array(a: Any) -> Any:
+    """A model input (ids, labels, masks) as an array where it was given: a Tensor's data,
+    a device array as is, anything else (lists, NumPy arrays) as a NumPy array. Models check
+    it there and then move it once (``backend.like``): no device → host round trip for
+    inputs given on the host."""
+    a = data_of(a)
+    return a if backend.placement(a) == "cupy" else np.asarray(a)
 
 
 def as_tensor(x: Any, like: Tensor | None = None) -> Tensor:

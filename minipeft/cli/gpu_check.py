@@ -19,9 +19,10 @@ When CuPy sees a CUDA device it runs, within a time budget (5 minutes by default
      transformers; otherwise the row says why it is missing).
 
 The report is printed and written to ``--out`` (``gpu-check.json`` and ``gpu-check.md``).
-Without a device it prints one line saying why and exits with status 2. ``--standin`` runs
-the same code on the strict CuPy stand-in of the test suite (tiny sizes, no tests): a smoke
-test of this command on machines without a GPU, whose timings mean nothing.
+Without a device it prints one line saying why and exits with status 2. Where ``import
+cupy`` finds the test suite's strict stand-in (``PYTHONPATH=tests/standin``) the same code
+runs at tiny sizes without the tests: a smoke test of this command on machines without a
+GPU, whose timings mean nothing.
 """
 
 from __future__ import annotations
@@ -64,9 +65,6 @@ def register(sub: Any) -> None:
     p.add_argument("--skip-tests", action="store_true", help="only the table of figures")
     p.add_argument("--time-limit", type=float, default=300.0, help="seconds for the tests")
     p.add_argument("--repeats", type=int, default=20, help="timed repeats per figure")
-    p.add_argument(
-        "--standin", action="store_true", help="smoke run on the test suite's CuPy stand-in"
-    )
     p.set_defaults(func=main)
 
 
@@ -76,8 +74,6 @@ def device_problem() -> str | None:
         import cupy
     except ImportError:
         return "CuPy is not installed: pip install 'minipeft[gpu]' on a machine with a GPU"
-    if getattr(cupy, "STANDIN", False):
-        return None
     try:
         n = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:  # the CUDA driver or runtime is unusable
@@ -91,9 +87,6 @@ def main(args: argparse.Namespace) -> int:
 
     with argument("--out"):  # before any computing
         check_directory_target(args.out, "--out")
-    if args.standin:
-        sys.path.insert(0, str(REPO / "tests" / "standin"))
-        sys.modules.pop("cupy", None)
     problem = device_problem()
     if problem is not None:
         print(f"gpu-check: {problem}", file=sys.stderr)

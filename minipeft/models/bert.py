@@ -49,7 +49,7 @@ import numpy as np
 
 from .. import backend
 from ..autograd import ops
-from ..autograd.tensor import Function, Tensor, data_of, no_grad
+from ..autograd.tensor import Function, Tensor, data_of, input_array, no_grad
 from ..nn.attention import merge_heads, scaled_dot_product_attention, split_heads
 from ..nn.layers import Dropout, Embedding, LayerNorm, Linear, check_positive_int
 from ..nn.module import Module, ModuleList
@@ -244,7 +244,7 @@ class BertEmbeddings(Module):
         if token_type_ids is None:
             token_type_ids = xp.zeros((b, t), dtype=xp.int64)
         else:
-            token_type_ids = backend.input_array(token_type_ids)
+            token_type_ids = input_array(token_type_ids)
             if tuple(token_type_ids.shape) != (b, t):
                 raise ValueError(
                     f"token_type_ids: expected shape {(b, t)}, got {tuple(token_type_ids.shape)}"
@@ -418,7 +418,7 @@ class BertModel(Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("input_ids / inputs_embeds: give exactly one of them")
         if input_ids is not None:
-            ids = backend.input_array(input_ids)
+            ids = input_array(input_ids)
             if ids.ndim != 2:
                 raise ValueError(f"input_ids: expected shape (B, T), got {tuple(ids.shape)}")
             b, t = ids.shape
@@ -453,7 +453,7 @@ class BertModel(Module):
             xp = backend.xp_of(attn_mask)
             attn_mask = xp.concatenate([xp.ones((b, 1, 1, p), dtype=bool), attn_mask], axis=-1)
         if token_type_ids is not None:
-            types = backend.input_array(token_type_ids)
+            types = input_array(token_type_ids)
             ops.check_index_range(types, self.config.type_vocab_size, "token_type_ids")
         h = self.embeddings(ids, token_type_ids, inputs_embeds, check_range=False)
         return self.encoder(h, attn_mask, past_prefix)  # (B, T, C)

@@ -50,7 +50,7 @@ import numpy as np
 
 from .. import backend
 from ..autograd import ops
-from ..autograd.tensor import Tensor
+from ..autograd.tensor import Tensor, input_array
 from ..nn.attention import scaled_dot_product_attention
 from ..nn.conv1d import Conv1D
 from ..nn.layers import Dropout, Embedding, LayerNorm, check_positive_int
@@ -402,7 +402,7 @@ class GPT2(Module):
             if input_ids is None:
                 raise ValueError("labels: required when the model is fed inputs_embeds")
             labels = input_ids
-        labels = backend.input_array(labels)
+        labels = input_array(labels)
         if labels.dtype.kind not in "iu":
             raise TypeError(f"labels: expected integer token ids, got dtype {labels.dtype}")
         logits = self.forward(
@@ -450,7 +450,7 @@ class GPT2(Module):
             b, t, _ = inputs_embeds.shape
             x = inputs_embeds
         else:
-            ids = backend.input_array(input_ids)
+            ids = input_array(input_ids)
             if ids.dtype.kind not in "iu":
                 raise TypeError(f"input_ids: expected integer token ids, got dtype {ids.dtype}")
             if ids.ndim != 2:
@@ -523,7 +523,7 @@ class GPT2(Module):
         return int(plen), out
 
     def _check_position_ids(self, position_ids: Any, b: int, t: int) -> Any:
-        pos = backend.input_array(position_ids)
+        pos = input_array(position_ids)
         if pos.dtype.kind not in "iu":
             raise TypeError(f"position_ids: expected integers, got dtype {pos.dtype}")
         if pos.shape not in ((t,), (1, t), (b, t)):
@@ -539,7 +539,7 @@ class GPT2(Module):
         """Key-padding mask (B, T) → bool (B, 1, T, P + T), or None (causal mask only)."""
         if attention_mask is None:
             return None
-        m = backend.input_array(attention_mask)
+        m = input_array(attention_mask)
         if m.dtype.kind not in "biu":
             raise TypeError(f"attention_mask: expected 0/1 integers or booleans, got {m.dtype}")
         if m.shape != (b, t):

@@ -35,7 +35,7 @@ import numpy as np
 
 from .. import backend
 from ..autograd import ops
-from ..autograd.tensor import Tensor, no_grad
+from ..autograd.tensor import Tensor, input_array, no_grad
 from ..nn.layers import Linear
 from ..nn.module import Module, Parameter
 
@@ -325,7 +325,7 @@ class PromptedModel(Module):
         return self.prompt.num_virtual_tokens
 
     def _inputs(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> dict[str, Any]:
-        ids = backend.input_array(input_ids)  # checked where given, moved once below
+        ids = input_array(input_ids)  # checked where given, moved once below
         if ids.ndim != 2:
             raise ValueError(f"input_ids: expected shape (B, T), got {ids.shape}")
         b, t = ids.shape
@@ -347,12 +347,12 @@ class PromptedModel(Module):
         kw["inputs_embeds"] = prepend_prompt(self.prompt.prompt_embeddings(), words)
         # masks and type ids are built where they were given; the model moves them once
         m = np.ones((b, t), dtype=np.int64) if attention_mask is None else attention_mask
-        m = backend.input_array(m).astype(np.int64)
+        m = input_array(m).astype(np.int64)
         xp = backend.xp_of(m)
         kw["attention_mask"] = xp.concatenate([xp.ones((b, p), dtype=xp.int64), m], axis=1)
         if self.spec.kind == "bert":
             tt = np.zeros((b, t), dtype=np.int64) if token_type_ids is None else token_type_ids
-            tt = backend.input_array(tt).astype(np.int64)
+            tt = input_array(tt).astype(np.int64)
             xt = backend.xp_of(tt)
             kw["token_type_ids"] = xt.concatenate([xt.zeros((b, p), dtype=xt.int64), tt], axis=1)
         return kw
@@ -378,8 +378,8 @@ class PromptedModel(Module):
         """
         if self.spec.kind != "gpt2":
             raise TypeError("loss: only for GPT-2 (use a task head on BERT's states)")
-        ids = backend.input_array(input_ids)
-        labels = ids if labels is None else backend.input_array(labels)
+        ids = input_array(input_ids)
+        labels = ids if labels is None else input_array(labels)
         kw = self._inputs(ids, attention_mask, None)
         if self.prompt.deep:
             return self.base.loss(kw.pop("input_ids"), labels, **kw)
