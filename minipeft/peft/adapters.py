@@ -76,10 +76,14 @@ def _act_and_slope(z: np.ndarray, act: str) -> tuple[np.ndarray, np.ndarray]:
     if act == "relu":
         return np.maximum(z, 0.0), (z > 0).astype(z.dtype)
     c = math.sqrt(2.0 / math.pi)
-    u = c * (z + 0.044715 * z**3)
-    t = np.tanh(u)
-    # f = ½z(1 + tanh u);  f' = ½(1 + tanh u) + ½z(1 − tanh²u)·c(1 + 3·0.044715 z²)
-    return 0.5 * z * (1 + t), 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * c * (1 + 3 * 0.044715 * z**2)
+    zc = np.clip(z, -20.0, 20.0)  # u(±20) ≈ ±301: σ is exactly 0 or 1 there, and z³ stays finite
+    u = c * (zc + 0.044715 * zc**3)
+    # ½(1 + tanh u) = σ(2u), evaluated without the cancellation of 1 + tanh u ≈ 0 in the left
+    # tail: σ(2u) = 1/(1 + e) for u ≥ 0 and e/(1 + e) for u < 0, e = e^{−|2u|}
+    e = np.exp(-np.abs(2 * u))
+    s = np.where(u >= 0, 1 / (1 + e), e / (1 + e))
+    # f = z·σ(2u);  f' = σ(2u) + 2z·σ(2u)(1 − σ(2u))·c(1 + 3·0.044715 z²)
+    return z * s, s + 2 * z * (s * (1 - s)) * c * (1 + 3 * 0.044715 * zc**2)
 
 
 def adapter_grads(
